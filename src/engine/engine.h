@@ -1,0 +1,353 @@
+/*-------------------------------------------------------------------------
+ *
+ * engine.h
+ *	  Public interface of the flexmore inference engine.
+ *
+ * The engine computes FlexOlmo / FlexMoRE forward passes, samples tokens
+ * and runs the byte-level BPE tokenizer.  It includes no PostgreSQL header,
+ * so it builds, tests and benchmarks on its own.  The PostgreSQL glue and
+ * the command-line tools are its only callers.
+ *
+ * Contracts shared by every function here:
+ *	- Memory comes from the caller's fm_allocator, never from a global
+ *	  malloc, so the glue can hand out memory-context allocations.  An
+ *	  allocator returns NULL on failure, and the engine turns that into
+ *	  FM_ENOMEM.  Sizes above 1 GB must work.
+ *	- Failure is a status plus a message in an fm_error.  The engine never
+ *	  prints, never exits and never longjmps.
+ *	- Long loops call the caller's fm_interrupt_fn between layers and
+ *	  tokens; when it returns true the engine stops with FM_ECANCELED.
+ *	- Weight matrices are row-major [out, in] float arrays, y = W x.
+ *	  The engine only reads them: the caller owns and frees them.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef FLEXMORE_ENGINE_H
+#define FLEXMORE_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define FM_MAX_EXPERTS	128
+#define FM_MAX_EOS		8
+#define FM_ERROR_LEN	512
+
+/* ---------- status, errors, allocation, interrupts ---------- */
+
+typedef enum fm_status
+{
+	FM_OK = 0,
+	FM_EINVAL,					/* bad input: ids, shapes, parameters, files */
+	FM_EUNSUPPORTED,			/* valid but not implemented (a tokenizer type) */
+	FM_ELIMIT,					/* a configured bound would be exceeded */
+	FM_ENOMEM,					/* the allocator returned NULL */
+	FM_ECANCELED,				/* the interrupt callback asked to stop */
+	FM_EINTERNAL				/* a bug: an invariant did not hold */
+} fm_status;
+
+typedef struct fm_error
+{
+	fm_status	status;
+	char		message[FM_ERROR_LEN];	/* lower-case, no trailing period */
+} fm_error;
+
+/* Sets err (when not NULL) and returns status; printf-style message. */
+fm_status	fm_set_error(fm_error *err, fm_status status, const char *fmt,...)
+			__attribute__((format(printf, 3, 4)));
+
+typedef struct fm_allocator
+{
+	void	   *(*alloc) (void *context, size_t size);	/* NULL on failure */
+	void		(*free) (void *context, void *ptr);
+	void	   *context;
+} fm_allocator;
+
+/* malloc/free, for tools and unit tests. */
+extern const fm_allocator fm_malloc_allocator;
+
+void	   *fm_alloc(const fm_allocator *a, size_t size);
+void	   *fm_alloc_zero(const fm_allocator *a, size_t size);
+void		fm_free(const fm_allocator *a, void *ptr);
+
+/* Returns true when the engine should stop as soon as it safely can. */
+typedef bool (*fm_interrupt_fn) (void *arg);
+
+/* ---------- model description ---------- */
+
+/*
+ * Model hyperparameters, as read from config.json by the reader
+ * (src/reader/config.c).  Every field is filled; optional fields of the
+ * file get their documented defaults there, never here.
+ */
+typedef struct fm_config
+{
+	char		model_type[32];	/* "flex_olmo" or "flexmore" */
+	int32_t		vocab_size;		/* rows of embed_tokens and lm_head */
+	int32_t		hidden_size;
+	int32_t		intermediate_size;	/* per expert */
+	int32_t		num_hidden_layers;
+	int32_t		num_attention_heads;
+	int32_t		num_key_value_heads;
+	int32_t		head_dim;
+	int32_t		max_position_embeddings;
+	int32_t		num_experts;
+	int32_t		num_experts_per_tok;
+	bool		norm_topk_prob;
+	bool		tie_word_embeddings;
+	double		rms_norm_eps;
+	double		rope_theta;
+	int32_t		expert_ranks[FM_MAX_EXPERTS];	/* 0 = full size; [0] is 0 */
+	int32_t		num_eos;
+	int32_t		eos_token_ids[FM_MAX_EOS];
+	int32_t		pad_token_id;	/* -1 when absent or null */
+	int32_t		bos_token_id;	/* -1 when absent or null */
+} fm_config;
+
+/*
+ * One expert's SwiGLU FFN.  rank 0: gate/up [inter, hidden], down
+ * [hidden, inter].  rank r > 0: a delta on expert 0, W = W0 + B A, with
+ * *_a [r, in] and *_b [out, r]; gate/up/down are then NULL.
+ */
+typedef struct fm_ffn_weights
+{
+	int32_t		rank;
+	const float *gate;
+	const float *up;
+	const float *down;
+	const float *gate_a;
+	const float *gate_b;
+	const float *up_a;
+	const float *up_b;
+	const float *down_a;
+	const float *down_b;
+} fm_ffn_weights;
+
+typedef struct fm_layer_weights
+{
+	const float *q_proj;		/* [heads*head_dim, hidden] */
+	const float *k_proj;		/* [kv_heads*head_dim, hidden] */
+	const float *v_proj;		/* [kv_heads*head_dim, hidden] */
+	const float *o_proj;		/* [hidden, heads*head_dim] */
+	const float *q_norm;		/* [heads*head_dim] */
+	const float *k_norm;		/* [kv_heads*head_dim] */
+	const float *post_attention_norm;	/* [hidden] */
+	const float *post_feedforward_norm;	/* [hidden] */
+	const float *router;		/* [num_experts, hidden] */
+	fm_ffn_weights experts[FM_MAX_EXPERTS];
+} fm_layer_weights;
+
+typedef struct fm_weights
+{
+	const float *embed_tokens;	/* [vocab, hidden] */
+	const float *lm_head;		/* [vocab, hidden]; == embed_tokens when tied */
+	const float *final_norm;	/* [hidden] */
+	fm_layer_weights *layers;	/* [num_hidden_layers], caller-owned */
+} fm_weights;
+
+typedef struct fm_model
+{
+	fm_config	config;
+	fm_weights	weights;
+} fm_model;
+
+/*
+ * Checks that every weight pointer the config needs is set and that the
+ * config is coherent (expert 0 full size, ranks in range, k >= 1, ...).
+ */
+fm_status	fm_model_validate(const fm_model *model, fm_error *err);
+
+/* ---------- checkpoint tensor layout (src/engine/layout.c) ---------- */
+
+typedef enum fm_dtype
+{
+	FM_DTYPE_F32 = 0,
+	FM_DTYPE_BF16,
+	FM_DTYPE_F16
+} fm_dtype;
+
+/* Bytes per element of a supported dtype. */
+size_t		fm_dtype_size(fm_dtype dtype);
+
+/* Parses "F32", "BF16", "F16"; false for anything else. */
+bool		fm_dtype_parse(const char *name, fm_dtype *out);
+const char *fm_dtype_name(fm_dtype dtype);
+
+/* Widens n elements of src (in dtype, little-endian) to fp32, exactly. */
+void		fm_convert_to_f32(fm_dtype dtype, const void *src, float *dst, size_t n);
+
+#define FM_MAX_DIMS 4
+
+/*
+ * What a checkpoint must contain: one entry per tensor the config
+ * requires.  Fused expert tensors (mlp.experts.gate_up_proj, down_proj)
+ * are an alternative spelling of the per-expert ones; fm_layout_expected
+ * lists the per-expert names, and fm_layout_match accepts either.
+ */
+typedef struct fm_tensor_spec
+{
+	char		name[128];
+	int32_t		ndim;
+	int64_t		shape[FM_MAX_DIMS];
+	int32_t		expert;			/* expert index, or -1 for shared weights */
+	bool		optional;		/* lm_head when tied */
+} fm_tensor_spec;
+
+/*
+ * Lists the tensors a checkpoint of this config holds in the per-expert
+ * spelling.  *out is allocated from a; returns the count via *n.
+ */
+fm_status	fm_layout_expected(const fm_config *config, const fm_allocator *a,
+							   fm_tensor_spec **out, int32_t *n, fm_error *err);
+
+/*
+ * Lookup of one tensor by name for fm_layout_bind: returns its fp32 data
+ * and shape, or NULL when the checkpoint has no such tensor.
+ */
+typedef const float *(*fm_tensor_lookup_fn) (void *arg, const char *name,
+											 int32_t *ndim, int64_t *shape);
+
+/*
+ * Fills model->weights from fp32 tensors found through lookup, accepting
+ * per-expert and fused expert tensors and checking every shape.  layers
+ * must point to num_hidden_layers caller-owned fm_layer_weights.
+ */
+fm_status	fm_layout_bind(fm_model *model, fm_layer_weights *layers,
+						   fm_tensor_lookup_fn lookup, void *arg, fm_error *err);
+
+/* ---------- forward pass (src/engine/model.c) ---------- */
+
+typedef struct fm_session fm_session;
+
+/*
+ * Bytes a session of this context length needs (KV cache plus
+ * activations for prompt chunks of FM_PROMPT_CHUNK rows), so the caller
+ * can enforce a memory cap before creating it.
+ */
+#define FM_PROMPT_CHUNK 64
+size_t		fm_session_bytes(const fm_config *config, int32_t context_len);
+
+/*
+ * Creates a session: a KV cache for context_len positions over model.
+ * The model must outlive the session.
+ */
+fm_status	fm_session_create(const fm_model *model, const fm_allocator *a,
+							  int32_t context_len, fm_session **out, fm_error *err);
+void		fm_session_destroy(fm_session *session);
+
+/*
+ * Restricts routing to experts with allowed[e] true (NULL: all).  An
+ * excluded expert's router logit is -inf; k shrinks to the allowed count.
+ * FM_EINVAL when no expert is allowed.
+ */
+fm_status	fm_session_set_experts(fm_session *session, const bool *allowed,
+								   fm_error *err);
+
+/* Positions already in the KV cache. */
+int32_t		fm_session_position(const fm_session *session);
+
+/* Empties the KV cache (position 0). */
+void		fm_session_reset(fm_session *session);
+
+/*
+ * Appends n ids at the current position and computes their hidden states,
+ * processing prompts in chunks of FM_PROMPT_CHUNK rows through BLAS.  When
+ * logits is not NULL it receives vocab_size logits for the last id.
+ * FM_ELIMIT when position + n exceeds the context; FM_EINVAL for an id
+ * outside [0, vocab_size).
+ */
+fm_status	fm_forward(fm_session *session, const int32_t *ids, int32_t n,
+					   float *logits, fm_interrupt_fn interrupt, void *arg,
+					   fm_error *err);
+
+/* ---------- sampling and generation (src/engine/sampler.c) ---------- */
+
+typedef struct fm_sampler_params
+{
+	double		temperature;	/* 0 = greedy; must be >= 0 and finite */
+	double		top_p;			/* (0, 1]; 1 = off */
+	int32_t		top_k;			/* 0 = off */
+	uint64_t	seed;
+} fm_sampler_params;
+
+typedef struct fm_rng
+{
+	uint64_t	state;
+} fm_rng;
+
+void		fm_rng_seed(fm_rng *rng, uint64_t seed);
+uint64_t	fm_rng_next(fm_rng *rng);
+
+/*
+ * Picks the next id from logits[0 .. vocab_size).  Only ids with
+ * sampleable[id] true can be picked (ids the tokenizer knows; padded rows
+ * never).  Greedy ties go to the lowest id.  scratch holds vocab_size
+ * floats and vocab_size int32s.
+ */
+int32_t		fm_sample(const float *logits, const bool *sampleable, int32_t vocab_size,
+					  const fm_sampler_params *params, fm_rng *rng,
+					  float *scratch_f, int32_t *scratch_i);
+
+typedef enum fm_finish
+{
+	FM_FINISH_EOS = 0,			/* an end-of-sequence id was produced */
+	FM_FINISH_MAX_TOKENS,		/* max_tokens ids were produced */
+	FM_FINISH_LENGTH			/* the context is full */
+} fm_finish;
+
+const char *fm_finish_name(fm_finish finish);
+
+/*
+ * Runs the prompt through session (from its current position), then
+ * samples up to max_tokens ids into out, stopping at an eos id (which is
+ * not stored) or when the context is full.  max_tokens 0 samples nothing.
+ */
+fm_status	fm_generate(fm_session *session, const int32_t *prompt, int32_t n_prompt,
+						int32_t max_tokens, const fm_sampler_params *params,
+						const bool *sampleable, int32_t *out, int32_t *n_out,
+						fm_finish *finish, fm_interrupt_fn interrupt, void *arg,
+						fm_error *err);
+
+/* ---------- tokenizer (src/engine/tokenizer.c) ---------- */
+
+typedef struct fm_tokenizer fm_tokenizer;
+
+/*
+ * Parses a Hugging Face tokenizer.json (byte-level BPE) into a tokenizer
+ * allocated from a.  Unsupported normalizer, pre-tokenizer, model or
+ * decoder types are FM_EUNSUPPORTED naming the type.  Defined in
+ * src/reader/tokenizer_json.c because it uses PostgreSQL's JSON parser;
+ * the tokenizer itself (below) has no PostgreSQL dependency.
+ */
+fm_status	fm_tokenizer_load_json(const char *json, size_t len, const fm_allocator *a,
+								   fm_tokenizer **out, fm_error *err);
+void		fm_tokenizer_free(fm_tokenizer *tok);
+
+/*
+ * Encodes UTF-8 text.  Special/added tokens written in the text are
+ * matched only when allow_special is true; otherwise they are ordinary
+ * text.  *ids is allocated from the tokenizer's allocator.
+ */
+fm_status	fm_tokenizer_encode(const fm_tokenizer *tok, const char *text, size_t len,
+								bool allow_special, int32_t **ids, int32_t *n_ids,
+								fm_error *err);
+
+/*
+ * Decodes ids to bytes (ByteLevel decoding; added tokens decode to their
+ * content).  The result may end inside a multi-byte UTF-8 character; see
+ * fm_utf8_complete_prefix.  *text is NUL-terminated, from the tokenizer's
+ * allocator.  FM_EINVAL for an id the tokenizer does not know.
+ */
+fm_status	fm_tokenizer_decode(const fm_tokenizer *tok, const int32_t *ids, int32_t n_ids,
+								char **text, size_t *len, fm_error *err);
+
+/* One past the largest id the tokenizer knows. */
+int32_t		fm_tokenizer_id_limit(const fm_tokenizer *tok);
+
+/* True when the tokenizer knows id (vocabulary or added token). */
+bool		fm_tokenizer_has_id(const fm_tokenizer *tok, int32_t id);
+
+/* Length of the longest prefix of s[0..len) that is whole, valid UTF-8. */
+size_t		fm_utf8_complete_prefix(const char *s, size_t len);
+
+#endif							/* FLEXMORE_ENGINE_H */
