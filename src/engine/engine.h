@@ -182,7 +182,7 @@ void		fm_convert_to_f32(fm_dtype dtype, const void *src, float *dst, size_t n);
  * What a checkpoint must contain: one entry per tensor the config
  * requires.  Fused expert tensors (mlp.experts.gate_up_proj, down_proj)
  * are an alternative spelling of the per-expert ones; fm_layout_expected
- * lists the per-expert names, and fm_layout_match accepts either.
+ * lists the per-expert names, and fm_layout_bind accepts either.
  */
 typedef struct fm_tensor_spec
 {
@@ -194,7 +194,7 @@ typedef struct fm_tensor_spec
 } fm_tensor_spec;
 
 /*
- * Lists the tensors a checkpoint of this config holds in the per-expert
+ * Lists the tensors a checkpoint of this config contains, in the per-expert
  * spelling.  *out is allocated from a; returns the count via *n.
  */
 fm_status	fm_layout_expected(const fm_config *config, const fm_allocator *a,
@@ -220,16 +220,20 @@ fm_status	fm_layout_bind(fm_model *model, fm_layer_weights *layers,
 typedef struct fm_session fm_session;
 
 /*
- * Bytes a session of this context length needs (KV cache plus
- * activations for prompt chunks of FM_PROMPT_CHUNK rows), so the caller
- * can enforce a memory cap before creating it.
+ * Bytes a session of this context length needs (KV cache, activations
+ * for prompt chunks of FM_PROMPT_CHUNK rows, and the logits and sampler
+ * buffers of fm_generate), so the caller can enforce a memory cap before
+ * creating it.  fm_session_create allocates exactly this much, in one
+ * block, and neither fm_forward nor fm_generate allocates more.  Returns
+ * SIZE_MAX when the size overflows.
  */
 #define FM_PROMPT_CHUNK 64
 size_t		fm_session_bytes(const fm_config *config, int32_t context_len);
 
 /*
- * Creates a session: a KV cache for context_len positions over model.
- * The model must outlive the session.
+ * Creates a session: a KV cache for context_len positions over model,
+ * after fm_model_validate.  FM_EINVAL unless 1 <= context_len <=
+ * max_position_embeddings.  The model must outlive the session.
  */
 fm_status	fm_session_create(const fm_model *model, const fm_allocator *a,
 							  int32_t context_len, fm_session **out, fm_error *err);
@@ -281,8 +285,11 @@ uint64_t	fm_rng_next(fm_rng *rng);
 /*
  * Picks the next id from logits[0 .. vocab_size).  Only ids with
  * sampleable[id] true can be picked (ids the tokenizer knows; padded rows
- * never).  Greedy ties go to the lowest id.  scratch holds vocab_size
- * floats and vocab_size int32s.
+ * never); sampleable NULL allows every id.  Temperature 0 is greedy and
+ * does not advance rng; greedy ties go to the lowest id.  Otherwise top_k,
+ * then top_p, filter the candidates ranked by logit (ties to the lower
+ * id).  scratch holds vocab_size floats and vocab_size int32s.  Returns
+ * -1 only when no id is sampleable.
  */
 int32_t		fm_sample(const float *logits, const bool *sampleable, int32_t vocab_size,
 					  const fm_sampler_params *params, fm_rng *rng,
@@ -298,9 +305,14 @@ typedef enum fm_finish
 const char *fm_finish_name(fm_finish finish);
 
 /*
- * Runs the prompt through session (from its current position), then
- * samples up to max_tokens ids into out, stopping at an eos id (which is
- * not stored) or when the context is full.  max_tokens 0 samples nothing.
+ * Runs the prompt (at least one id) through session from its current
+ * position, then samples up to max_tokens ids into out, which has room
+ * for max_tokens ids.  Generation stops at an eos id, which is not
+ * stored, or when the context is full.  Prompt and output together never
+ * exceed the context, and a full context ends with FM_FINISH_LENGTH.
+ * max_tokens 0 runs the prompt and samples nothing.  The last id stored
+ * is not run through the model.  FM_EINVAL for a negative or non-finite
+ * temperature, top_p outside (0, 1], negative top_k or max_tokens.
  */
 fm_status	fm_generate(fm_session *session, const int32_t *prompt, int32_t n_prompt,
 						int32_t max_tokens, const fm_sampler_params *params,

@@ -61,14 +61,20 @@ typedef struct fm_st_file
 } fm_st_file;
 
 /*
- * Parses and validates a safetensors header.  prefix8 is the file's first
- * 8 bytes; header is the n bytes that follow.  Rejects a header length
- * beyond the file, unknown or unsupported dtypes (dtype_supported false is
- * reported only by fm_st_check), a byte count that does not match dtype x
- * shape, ranges outside the data area, and overlapping ranges.
+ * Parses and validates a safetensors header.  The caller decodes the
+ * file's 8-byte length prefix into header_len and passes the header_len
+ * bytes that follow, plus the whole file's size.  Rejects a header length
+ * beyond the file, a byte count that does not match dtype x shape, ranges
+ * outside the data area or with end < begin, overlapping ranges and
+ * duplicate names.  A dtype other than F32, BF16 and F16 is not an error
+ * here: the tensor gets dtype_supported false, and the caller rejects it
+ * by name if it needs that tensor.  On failure *out is empty.
  */
 fm_status	fm_st_parse_header(const char *header, uint64_t header_len,
 							   uint64_t file_size, fm_st_file *out, fm_error *err);
+
+/* Frees the tensor list of a parsed header. */
+void		fm_st_free(fm_st_file *file);
 
 /* Finds a tensor by name, or NULL. */
 const fm_st_tensor *fm_st_find(const fm_st_file *file, const char *name);

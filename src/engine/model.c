@@ -1,0 +1,718 @@
+/*-------------------------------------------------------------------------
+ *
+ * model.c
+ *	  Forward pass of FlexOlmo / FlexMoRE with a KV cache.
+ *
+ * Each layer reads the raw residual stream h (OLMo-2 blocks have no
+ * pre-norm):
+ *
+ *	  a = Attention(h);  h += RMSNorm_post_attention(a)
+ *	  m = MoE(h);        h += RMSNorm_post_feedforward(m)
+ *
+ * Ids run in chunks of up to FM_PROMPT_CHUNK rows.  A chunk of one row
+ * (decode) goes through the matvec kernel, a longer chunk through sgemm;
+ * both use the same code below, so they differ only in summation order.
+ *
+ * MoE, per chunk: the router picks experts per row, then rows are grouped
+ * by expert and each expert multiplies its gathered rows at once.  A
+ * low-rank expert e has W_P,e = W_P,0 + B_P,e A_P,e, which is never
+ * materialised.  Rows that select expert 0 or any low-rank expert compute
+ * g0 = W_gate,0 x and u0 = W_up,0 x once; a low-rank expert then adds its
+ * adapter products (g_e = g0 + B_g A_g x).  W_down,0 is linear, so the
+ * p-weighted hidden activations of expert 0 and of every low-rank expert
+ * are summed first and go through W_down,0 once.  Each low-rank expert
+ * then adds only p_e B_d A_d h_e.  Full-size experts other than 0 use
+ * their own matrices.
+ *
+ * A session is one allocation: the struct, the KV cache and every
+ * activation buffer, laid out by session_layout so that fm_session_bytes
+ * and fm_session_create cannot disagree.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "engine/engine.h"
+#include "engine/kernels.h"
+#include "engine/session.h"
+
+#define SESSION_ALIGN 64
+
+static bool
+add_size(size_t *total, size_t count, size_t elem)
+{
+	size_t		bytes;
+
+	if (__builtin_mul_overflow(count, elem, &bytes))
+		return false;
+	bytes = (bytes + SESSION_ALIGN - 1) & ~(size_t) (SESSION_ALIGN - 1);
+	return !__builtin_add_overflow(*total, bytes, total);
+}
+
+static int32_t
+config_max_rank(const fm_config *c)
+{
+	int32_t		max_rank = 0;
+
+	for (int32_t e = 0; e < c->num_experts && e < FM_MAX_EXPERTS; e++)
+		if (c->expert_ranks[e] > max_rank)
+			max_rank = c->expert_ranks[e];
+	return max_rank;
+}
+
+/*
+ * Lays out a session: returns its size in bytes, or SIZE_MAX on overflow.
+ * When s is not NULL, also points each buffer into the block at s.
+ */
+static size_t
+session_layout(const fm_config *c, int32_t context_len, fm_session *s)
+{
+	size_t		total = 0;
+	size_t		rows = FM_PROMPT_CHUNK;
+	size_t		q_dim = (size_t) c->num_attention_heads * c->head_dim;
+	size_t		kv_dim = (size_t) c->num_key_value_heads * c->head_dim;
+	size_t		kv_elems;
+	bool		ok = true;
+
+#define CARVE(field, type, count) \
+	do { \
+		if (s != NULL) \
+			s->field = (type *) ((char *) s + total); \
+		ok = ok && add_size(&total, (count), sizeof(type)); \
+	} while (0)
+
+	ok = add_size(&total, 1, sizeof(fm_session));
+	if (__builtin_mul_overflow((size_t) c->num_hidden_layers, (size_t) context_len,
+							   &kv_elems) ||
+		__builtin_mul_overflow(kv_elems, kv_dim, &kv_elems))
+		return SIZE_MAX;
+
+	CARVE(k_cache, float, kv_elems);
+	CARVE(v_cache, float, kv_elems);
+	CARVE(x, float, rows * c->hidden_size);
+	CARVE(q, float, rows * q_dim);
+	CARVE(k, float, rows * kv_dim);
+	CARVE(v, float, rows * kv_dim);
+	CARVE(att, float, rows * q_dim);
+	CARVE(proj, float, rows * c->hidden_size);
+	CARVE(scores, float, (size_t) context_len);
+	CARVE(router, float, rows * c->num_experts);
+	CARVE(probs, float, (size_t) c->num_experts);
+	CARVE(top_expert, int32_t, rows * c->num_experts_per_tok);
+	CARVE(top_weight, float, rows * c->num_experts_per_tok);
+	CARVE(n_top, int32_t, rows);
+	CARVE(shared_rows, int32_t, rows);
+	CARVE(expert_rows, int32_t, rows);
+	CARVE(expert_p, float, rows);
+	CARVE(xs, float, rows * c->hidden_size);
+	CARVE(xe, float, rows * c->hidden_size);
+	CARVE(gate0, float, rows * c->intermediate_size);
+	CARVE(up0, float, rows * c->intermediate_size);
+	CARVE(hsum, float, rows * c->intermediate_size);
+	CARVE(gate, float, rows * c->intermediate_size);
+	CARVE(up, float, rows * c->intermediate_size);
+	CARVE(lowrank, float, rows * (size_t) config_max_rank(c));
+	CARVE(down, float, rows * c->hidden_size);
+	CARVE(moe, float, rows * c->hidden_size);
+	CARVE(last, float, (size_t) c->hidden_size);
+	CARVE(logits, float, (size_t) c->vocab_size);
+	CARVE(sample_f, float, (size_t) c->vocab_size);
+	CARVE(sample_i, int32_t, (size_t) c->vocab_size);
+#undef CARVE
+
+	return ok ? total : SIZE_MAX;
+}
+
+size_t
+fm_session_bytes(const fm_config *config, int32_t context_len)
+{
+	if (context_len <= 0)
+		return 0;
+	return session_layout(config, context_len, NULL);
+}
+
+/* Checks the hyperparameters the forward pass relies on. */
+static fm_status
+validate_config(const fm_config *c, fm_error *err)
+{
+	if (c->vocab_size <= 0 || c->hidden_size <= 0 || c->intermediate_size <= 0 ||
+		c->num_hidden_layers <= 0 || c->num_attention_heads <= 0 ||
+		c->num_key_value_heads <= 0 || c->head_dim <= 0 ||
+		c->max_position_embeddings <= 0)
+		return fm_set_error(err, FM_EINVAL,
+							"model sizes must be positive: vocab_size %d, hidden_size %d, intermediate_size %d, num_hidden_layers %d, num_attention_heads %d, num_key_value_heads %d, head_dim %d, max_position_embeddings %d",
+							c->vocab_size, c->hidden_size, c->intermediate_size,
+							c->num_hidden_layers, c->num_attention_heads,
+							c->num_key_value_heads, c->head_dim,
+							c->max_position_embeddings);
+	if (c->num_attention_heads % c->num_key_value_heads != 0)
+		return fm_set_error(err, FM_EINVAL,
+							"num_attention_heads %d is not a multiple of num_key_value_heads %d",
+							c->num_attention_heads, c->num_key_value_heads);
+	if (c->head_dim % 2 != 0)
+		return fm_set_error(err, FM_EINVAL,
+							"head_dim %d must be even for rotary embeddings",
+							c->head_dim);
+	if (c->num_experts < 1 || c->num_experts > FM_MAX_EXPERTS)
+		return fm_set_error(err, FM_EINVAL,
+							"num_experts %d is outside [1, %d]",
+							c->num_experts, FM_MAX_EXPERTS);
+	if (c->num_experts_per_tok < 1 || c->num_experts_per_tok > c->num_experts)
+		return fm_set_error(err, FM_EINVAL,
+							"num_experts_per_tok %d is outside [1, num_experts %d]",
+							c->num_experts_per_tok, c->num_experts);
+	if (c->expert_ranks[0] != 0)
+		return fm_set_error(err, FM_EINVAL,
+							"expert 0 must be full size, but its rank is %d",
+							c->expert_ranks[0]);
+	for (int32_t e = 1; e < c->num_experts; e++)
+		if (c->expert_ranks[e] < 0)
+			return fm_set_error(err, FM_EINVAL, "expert %d has negative rank %d",
+								e, c->expert_ranks[e]);
+	if (!(c->rms_norm_eps >= 0.0) || !isfinite(c->rms_norm_eps))
+		return fm_set_error(err, FM_EINVAL, "rms_norm_eps %g is invalid",
+							c->rms_norm_eps);
+	if (!(c->rope_theta > 0.0) || !isfinite(c->rope_theta))
+		return fm_set_error(err, FM_EINVAL, "rope_theta %g is invalid",
+							c->rope_theta);
+	return FM_OK;
+}
+
+#define REQUIRE_WEIGHT(ptr, ...) \
+	do { \
+		if ((ptr) == NULL) \
+			return fm_set_error(err, FM_EINVAL, __VA_ARGS__); \
+	} while (0)
+
+fm_status
+fm_model_validate(const fm_model *model, fm_error *err)
+{
+	const fm_config *c = &model->config;
+	const fm_weights *w = &model->weights;
+	fm_status	status;
+
+	if ((status = validate_config(c, err)) != FM_OK)
+		return status;
+
+	REQUIRE_WEIGHT(w->embed_tokens, "weight embed_tokens is not set");
+	REQUIRE_WEIGHT(w->lm_head, "weight lm_head is not set");
+	REQUIRE_WEIGHT(w->final_norm, "weight final norm is not set");
+	REQUIRE_WEIGHT(w->layers, "layer weights are not set");
+
+	for (int32_t l = 0; l < c->num_hidden_layers; l++)
+	{
+		const fm_layer_weights *lw = &w->layers[l];
+
+		REQUIRE_WEIGHT(lw->q_proj, "layer %d: q_proj is not set", l);
+		REQUIRE_WEIGHT(lw->k_proj, "layer %d: k_proj is not set", l);
+		REQUIRE_WEIGHT(lw->v_proj, "layer %d: v_proj is not set", l);
+		REQUIRE_WEIGHT(lw->o_proj, "layer %d: o_proj is not set", l);
+		REQUIRE_WEIGHT(lw->q_norm, "layer %d: q_norm is not set", l);
+		REQUIRE_WEIGHT(lw->k_norm, "layer %d: k_norm is not set", l);
+		REQUIRE_WEIGHT(lw->post_attention_norm,
+					   "layer %d: post_attention_layernorm is not set", l);
+		REQUIRE_WEIGHT(lw->post_feedforward_norm,
+					   "layer %d: post_feedforward_layernorm is not set", l);
+		REQUIRE_WEIGHT(lw->router, "layer %d: router is not set", l);
+
+		for (int32_t e = 0; e < c->num_experts; e++)
+		{
+			const fm_ffn_weights *f = &lw->experts[e];
+
+			if (f->rank != c->expert_ranks[e])
+				return fm_set_error(err, FM_EINVAL,
+									"layer %d expert %d: weights have rank %d but the config says %d",
+									l, e, f->rank, c->expert_ranks[e]);
+			if (f->rank == 0)
+			{
+				REQUIRE_WEIGHT(f->gate, "layer %d expert %d: gate_proj is not set", l, e);
+				REQUIRE_WEIGHT(f->up, "layer %d expert %d: up_proj is not set", l, e);
+				REQUIRE_WEIGHT(f->down, "layer %d expert %d: down_proj is not set", l, e);
+			}
+			else
+			{
+				REQUIRE_WEIGHT(f->gate_a, "layer %d expert %d: gate_proj_a is not set", l, e);
+				REQUIRE_WEIGHT(f->gate_b, "layer %d expert %d: gate_proj_b is not set", l, e);
+				REQUIRE_WEIGHT(f->up_a, "layer %d expert %d: up_proj_a is not set", l, e);
+				REQUIRE_WEIGHT(f->up_b, "layer %d expert %d: up_proj_b is not set", l, e);
+				REQUIRE_WEIGHT(f->down_a, "layer %d expert %d: down_proj_a is not set", l, e);
+				REQUIRE_WEIGHT(f->down_b, "layer %d expert %d: down_proj_b is not set", l, e);
+			}
+		}
+	}
+	return FM_OK;
+}
+
+/* ---------- session lifecycle ---------- */
+
+fm_status
+fm_session_create(const fm_model *model, const fm_allocator *a,
+				  int32_t context_len, fm_session **out, fm_error *err)
+{
+	const fm_config *c = &model->config;
+	fm_session *s;
+	size_t		bytes;
+	fm_status	status;
+
+	*out = NULL;
+	if ((status = fm_model_validate(model, err)) != FM_OK)
+		return status;
+	if (context_len < 1 || context_len > c->max_position_embeddings)
+		return fm_set_error(err, FM_EINVAL,
+							"context length %d is outside [1, max_position_embeddings %d]",
+							context_len, c->max_position_embeddings);
+
+	bytes = session_layout(c, context_len, NULL);
+	if (bytes == SIZE_MAX)
+		return fm_set_error(err, FM_ELIMIT,
+							"a session of %d positions does not fit in memory",
+							context_len);
+	s = fm_alloc(a, bytes);
+	if (s == NULL)
+		return fm_set_error(err, FM_ENOMEM,
+							"could not allocate %zu bytes for a session of %d positions",
+							bytes, context_len);
+
+	memset(s, 0, sizeof(*s));
+	session_layout(c, context_len, s);
+	s->model = model;
+	s->allocator = *a;
+	s->context_len = context_len;
+	s->position = 0;
+	s->max_rank = config_max_rank(c);
+	for (int32_t e = 0; e < c->num_experts; e++)
+		s->allowed[e] = true;
+	*out = s;
+	return FM_OK;
+}
+
+void
+fm_session_destroy(fm_session *session)
+{
+	fm_allocator a;
+
+	if (session == NULL)
+		return;
+	a = session->allocator;
+	fm_free(&a, session);
+}
+
+fm_status
+fm_session_set_experts(fm_session *session, const bool *allowed, fm_error *err)
+{
+	int32_t		n_experts = session->model->config.num_experts;
+	int32_t		count = 0;
+
+	for (int32_t e = 0; e < n_experts; e++)
+		if (allowed == NULL || allowed[e])
+			count++;
+	if (count == 0)
+		return fm_set_error(err, FM_EINVAL,
+							"no expert is allowed out of %d", n_experts);
+	for (int32_t e = 0; e < n_experts; e++)
+		session->allowed[e] = (allowed == NULL || allowed[e]);
+	return FM_OK;
+}
+
+int32_t
+fm_session_position(const fm_session *session)
+{
+	return session->position;
+}
+
+void
+fm_session_reset(fm_session *session)
+{
+	session->position = 0;
+}
+
+/* ---------- attention ---------- */
+
+/*
+ * Runs attention for rows [0, n) at positions pos0 .. pos0+n-1 and adds
+ * RMSNorm_post_attention of its output to the residual stream.
+ */
+static void
+attention_block(fm_session *s, int32_t layer, int32_t n, int32_t pos0)
+{
+	const fm_config *c = &s->model->config;
+	const fm_layer_weights *lw = &s->model->weights.layers[layer];
+	int32_t		hidden = c->hidden_size;
+	int32_t		hd = c->head_dim;
+	int32_t		q_dim = c->num_attention_heads * hd;
+	int32_t		kv_dim = c->num_key_value_heads * hd;
+	int32_t		group = c->num_attention_heads / c->num_key_value_heads;
+	size_t		layer_off = (size_t) layer * s->context_len * kv_dim;
+	float		scale = 1.0f / sqrtf((float) hd);
+
+	fm_matmul(s->q, s->x, lw->q_proj, n, q_dim, hidden);
+	fm_matmul(s->k, s->x, lw->k_proj, n, kv_dim, hidden);
+	fm_matmul(s->v, s->x, lw->v_proj, n, kv_dim, hidden);
+
+	/* QK-norm over the whole projection, then RoPE, then into the cache */
+	for (int32_t i = 0; i < n; i++)
+	{
+		float	   *q = s->q + (size_t) i * q_dim;
+		float	   *k = s->k + (size_t) i * kv_dim;
+		size_t		slot = layer_off + (size_t) (pos0 + i) * kv_dim;
+
+		fm_rmsnorm(q, q, lw->q_norm, q_dim, c->rms_norm_eps);
+		fm_rmsnorm(k, k, lw->k_norm, kv_dim, c->rms_norm_eps);
+		fm_rope(q, c->num_attention_heads, hd, pos0 + i, c->rope_theta);
+		fm_rope(k, c->num_key_value_heads, hd, pos0 + i, c->rope_theta);
+		memcpy(s->k_cache + slot, k, sizeof(float) * kv_dim);
+		memcpy(s->v_cache + slot, s->v + (size_t) i * kv_dim, sizeof(float) * kv_dim);
+	}
+
+	/* causal attention: row i attends to positions 0 .. pos0+i */
+	for (int32_t i = 0; i < n; i++)
+	{
+		int32_t		len = pos0 + i + 1;
+
+		for (int32_t h = 0; h < c->num_attention_heads; h++)
+		{
+			const float *q = s->q + (size_t) i * q_dim + (size_t) h * hd;
+			float	   *out = s->att + (size_t) i * q_dim + (size_t) h * hd;
+			size_t		kv_off = layer_off + (size_t) (h / group) * hd;
+
+			for (int32_t t = 0; t < len; t++)
+			{
+				const float *k = s->k_cache + kv_off + (size_t) t * kv_dim;
+				float		dot = 0.0f;
+
+				for (int32_t d = 0; d < hd; d++)
+					dot += q[d] * k[d];
+				s->scores[t] = dot * scale;
+			}
+			fm_softmax(s->scores, len);
+
+			memset(out, 0, sizeof(float) * hd);
+			for (int32_t t = 0; t < len; t++)
+			{
+				const float *v = s->v_cache + kv_off + (size_t) t * kv_dim;
+				float		p = s->scores[t];
+
+				for (int32_t d = 0; d < hd; d++)
+					out[d] += p * v[d];
+			}
+		}
+	}
+
+	fm_matmul(s->proj, s->att, lw->o_proj, n, hidden, q_dim);
+	for (int32_t i = 0; i < n; i++)
+	{
+		float	   *a = s->proj + (size_t) i * hidden;
+		float	   *x = s->x + (size_t) i * hidden;
+
+		fm_rmsnorm(a, a, lw->post_attention_norm, hidden, c->rms_norm_eps);
+		for (int32_t d = 0; d < hidden; d++)
+			x[d] += a[d];
+	}
+}
+
+/* ---------- mixture of experts ---------- */
+
+/* Weight with which row i selected expert e, or 0 when it did not. */
+static float
+row_weight(const fm_session *s, int32_t i, int32_t e)
+{
+	int32_t		k = s->model->config.num_experts_per_tok;
+
+	for (int32_t j = 0; j < s->n_top[i]; j++)
+		if (s->top_expert[(size_t) i * k + j] == e)
+			return s->top_weight[(size_t) i * k + j];
+	return 0.0f;
+}
+
+static bool
+row_selects(const fm_session *s, int32_t i, int32_t e)
+{
+	int32_t		k = s->model->config.num_experts_per_tok;
+
+	for (int32_t j = 0; j < s->n_top[i]; j++)
+		if (s->top_expert[(size_t) i * k + j] == e)
+			return true;
+	return false;
+}
+
+/* h[rows, inter] = SiLU(gate) * up, written into gate. */
+static void
+swiglu(float *gate, const float *up, size_t count)
+{
+	for (size_t j = 0; j < count; j++)
+		gate[j] = fm_silu(gate[j]) * up[j];
+}
+
+/*
+ * Computes expert 0 and every low-rank expert for the rows that selected
+ * any of them, adding p_e FFN_e(x) into s->moe.  See the file header for
+ * why W_down,0 runs once.
+ */
+static void
+public_and_lowrank_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
+{
+	const fm_config *c = &s->model->config;
+	int32_t		hidden = c->hidden_size;
+	int32_t		inter = c->intermediate_size;
+	const fm_ffn_weights *f0 = &lw->experts[0];
+	int32_t		ns = 0;
+
+	for (int32_t i = 0; i < n; i++)
+	{
+		bool		needs = row_selects(s, i, 0);
+
+		for (int32_t e = 1; e < c->num_experts && !needs; e++)
+			if (c->expert_ranks[e] > 0 && row_selects(s, i, e))
+				needs = true;
+		if (needs)
+		{
+			memcpy(s->xs + (size_t) ns * hidden, s->x + (size_t) i * hidden,
+				   sizeof(float) * hidden);
+			s->shared_rows[ns++] = i;
+		}
+	}
+	if (ns == 0)
+		return;
+
+	fm_matmul(s->gate0, s->xs, f0->gate, ns, inter, hidden);
+	fm_matmul(s->up0, s->xs, f0->up, ns, inter, hidden);
+
+	/* hsum starts as p_0 h_0 (zero for rows that skipped expert 0) */
+	for (int32_t j = 0; j < ns; j++)
+	{
+		float		p = row_weight(s, s->shared_rows[j], 0);
+		float	   *hs = s->hsum + (size_t) j * inter;
+		const float *g = s->gate0 + (size_t) j * inter;
+		const float *u = s->up0 + (size_t) j * inter;
+
+		for (int32_t d = 0; d < inter; d++)
+			hs[d] = p != 0.0f ? p * (fm_silu(g[d]) * u[d]) : 0.0f;
+	}
+
+	for (int32_t e = 1; e < c->num_experts; e++)
+	{
+		const fm_ffn_weights *f = &lw->experts[e];
+		int32_t		r = c->expert_ranks[e];
+		int32_t		ne = 0;
+
+		if (r == 0 || !s->allowed[e])
+			continue;
+
+		/* expert_rows indexes the shared set here, not the chunk */
+		for (int32_t j = 0; j < ns; j++)
+		{
+			if (!row_selects(s, s->shared_rows[j], e))
+				continue;
+			memcpy(s->xe + (size_t) ne * hidden, s->xs + (size_t) j * hidden,
+				   sizeof(float) * hidden);
+			s->expert_rows[ne] = j;
+			s->expert_p[ne] = row_weight(s, s->shared_rows[j], e);
+			ne++;
+		}
+		if (ne == 0)
+			continue;
+
+		/* g_e = g0 + B_g (A_g x), u_e = u0 + B_u (A_u x) */
+		fm_matmul(s->lowrank, s->xe, f->gate_a, ne, r, hidden);
+		fm_matmul(s->gate, s->lowrank, f->gate_b, ne, inter, r);
+		fm_matmul(s->lowrank, s->xe, f->up_a, ne, r, hidden);
+		fm_matmul(s->up, s->lowrank, f->up_b, ne, inter, r);
+		for (int32_t m = 0; m < ne; m++)
+		{
+			int32_t		j = s->expert_rows[m];
+			float	   *g = s->gate + (size_t) m * inter;
+			float	   *u = s->up + (size_t) m * inter;
+			const float *g0 = s->gate0 + (size_t) j * inter;
+			const float *u0 = s->up0 + (size_t) j * inter;
+
+			for (int32_t d = 0; d < inter; d++)
+			{
+				g[d] += g0[d];
+				u[d] += u0[d];
+			}
+		}
+		swiglu(s->gate, s->up, (size_t) ne * inter);
+
+		/* h_e joins the W_down,0 input; B_d (A_d h_e) goes straight out */
+		fm_matmul(s->lowrank, s->gate, f->down_a, ne, r, inter);
+		fm_matmul(s->down, s->lowrank, f->down_b, ne, hidden, r);
+		for (int32_t m = 0; m < ne; m++)
+		{
+			int32_t		j = s->expert_rows[m];
+			float		p = s->expert_p[m];
+			float	   *hs = s->hsum + (size_t) j * inter;
+			const float *h = s->gate + (size_t) m * inter;
+			float	   *out = s->moe + (size_t) s->shared_rows[j] * hidden;
+			const float *d_out = s->down + (size_t) m * hidden;
+
+			for (int32_t d = 0; d < inter; d++)
+				hs[d] += p * h[d];
+			for (int32_t d = 0; d < hidden; d++)
+				out[d] += p * d_out[d];
+		}
+	}
+
+	fm_matmul(s->down, s->hsum, f0->down, ns, hidden, inter);
+	for (int32_t j = 0; j < ns; j++)
+	{
+		float	   *out = s->moe + (size_t) s->shared_rows[j] * hidden;
+		const float *d_out = s->down + (size_t) j * hidden;
+
+		for (int32_t d = 0; d < hidden; d++)
+			out[d] += d_out[d];
+	}
+}
+
+/* Computes full-size experts other than 0, adding p_e FFN_e(x) to s->moe. */
+static void
+full_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
+{
+	const fm_config *c = &s->model->config;
+	int32_t		hidden = c->hidden_size;
+	int32_t		inter = c->intermediate_size;
+
+	for (int32_t e = 1; e < c->num_experts; e++)
+	{
+		const fm_ffn_weights *f = &lw->experts[e];
+		int32_t		ne = 0;
+
+		if (c->expert_ranks[e] != 0 || !s->allowed[e])
+			continue;
+		for (int32_t i = 0; i < n; i++)
+		{
+			if (!row_selects(s, i, e))
+				continue;
+			memcpy(s->xe + (size_t) ne * hidden, s->x + (size_t) i * hidden,
+				   sizeof(float) * hidden);
+			s->expert_rows[ne] = i;
+			s->expert_p[ne] = row_weight(s, i, e);
+			ne++;
+		}
+		if (ne == 0)
+			continue;
+
+		fm_matmul(s->gate, s->xe, f->gate, ne, inter, hidden);
+		fm_matmul(s->up, s->xe, f->up, ne, inter, hidden);
+		swiglu(s->gate, s->up, (size_t) ne * inter);
+		fm_matmul(s->down, s->gate, f->down, ne, hidden, inter);
+		for (int32_t m = 0; m < ne; m++)
+		{
+			float	   *out = s->moe + (size_t) s->expert_rows[m] * hidden;
+			const float *d_out = s->down + (size_t) m * hidden;
+			float		p = s->expert_p[m];
+
+			for (int32_t d = 0; d < hidden; d++)
+				out[d] += p * d_out[d];
+		}
+	}
+}
+
+/*
+ * Routes rows [0, n), runs the selected experts grouped by expert, and
+ * adds RMSNorm_post_feedforward of the mixture to the residual stream.
+ */
+static void
+moe_block(fm_session *s, int32_t layer, int32_t n)
+{
+	const fm_config *c = &s->model->config;
+	const fm_layer_weights *lw = &s->model->weights.layers[layer];
+	int32_t		hidden = c->hidden_size;
+	int32_t		k = c->num_experts_per_tok;
+
+	fm_matmul(s->router, s->x, lw->router, n, c->num_experts, hidden);
+	for (int32_t i = 0; i < n; i++)
+		s->n_top[i] = fm_route(s->router + (size_t) i * c->num_experts,
+							   s->allowed, c->num_experts, k, c->norm_topk_prob,
+							   s->probs, s->top_expert + (size_t) i * k,
+							   s->top_weight + (size_t) i * k);
+
+	memset(s->moe, 0, sizeof(float) * (size_t) n * hidden);
+	public_and_lowrank_experts(s, lw, n);
+	full_experts(s, lw, n);
+
+	for (int32_t i = 0; i < n; i++)
+	{
+		float	   *m = s->moe + (size_t) i * hidden;
+		float	   *x = s->x + (size_t) i * hidden;
+
+		fm_rmsnorm(m, m, lw->post_feedforward_norm, hidden, c->rms_norm_eps);
+		for (int32_t d = 0; d < hidden; d++)
+			x[d] += m[d];
+	}
+}
+
+/* ---------- forward ---------- */
+
+/*
+ * Runs one chunk of n <= FM_PROMPT_CHUNK ids through every layer and
+ * commits it to the KV cache.  On cancellation the position stays where
+ * it was, so the cache rows this chunk wrote are simply overwritten later.
+ */
+static fm_status
+forward_chunk(fm_session *s, const int32_t *ids, int32_t n,
+			  fm_interrupt_fn interrupt, void *arg, fm_error *err)
+{
+	const fm_config *c = &s->model->config;
+	int32_t		hidden = c->hidden_size;
+
+	for (int32_t i = 0; i < n; i++)
+		memcpy(s->x + (size_t) i * hidden,
+			   s->model->weights.embed_tokens + (size_t) ids[i] * hidden,
+			   sizeof(float) * hidden);
+
+	for (int32_t l = 0; l < c->num_hidden_layers; l++)
+	{
+		if (interrupt != NULL && interrupt(arg))
+			return fm_set_error(err, FM_ECANCELED, "forward pass canceled at layer %d", l);
+		attention_block(s, l, n, s->position);
+		moe_block(s, l, n);
+	}
+	s->position += n;
+	return FM_OK;
+}
+
+fm_status
+fm_forward(fm_session *session, const int32_t *ids, int32_t n,
+		   float *logits, fm_interrupt_fn interrupt, void *arg,
+		   fm_error *err)
+{
+	const fm_config *c = &session->model->config;
+	int32_t		last_rows = 0;
+	fm_status	status;
+
+	if (n < 0 || (n == 0 && logits != NULL))
+		return fm_set_error(err, FM_EINVAL,
+							"forward pass needs at least one id, got %d", n);
+	for (int32_t i = 0; i < n; i++)
+		if (ids[i] < 0 || ids[i] >= c->vocab_size)
+			return fm_set_error(err, FM_EINVAL,
+								"token id %d at index %d is outside [0, %d)",
+								ids[i], i, c->vocab_size);
+	if (n > session->context_len - session->position)
+		return fm_set_error(err, FM_ELIMIT,
+							"position %d + %d ids exceeds the context of %d positions",
+							session->position, n, session->context_len);
+
+	for (int32_t start = 0; start < n; start += FM_PROMPT_CHUNK)
+	{
+		int32_t		rows = n - start < FM_PROMPT_CHUNK ? n - start : FM_PROMPT_CHUNK;
+
+		status = forward_chunk(session, ids + start, rows, interrupt, arg, err);
+		if (status != FM_OK)
+			return status;
+		last_rows = rows;
+	}
+
+	if (logits != NULL)
+	{
+		const float *x = session->x + (size_t) (last_rows - 1) * c->hidden_size;
+
+		fm_rmsnorm(session->last, x, session->model->weights.final_norm,
+				   c->hidden_size, c->rms_norm_eps);
+		fm_matvec(logits, session->model->weights.lm_head, session->last,
+				  c->vocab_size, c->hidden_size);
+	}
+	return FM_OK;
+}
