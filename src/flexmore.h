@@ -1,0 +1,195 @@
+/*-------------------------------------------------------------------------
+ *
+ * flexmore.h
+ *	  Declarations shared by the PostgreSQL side of flexmore: settings,
+ *	  error mapping, allocation, storage access and the per-backend model
+ *	  cache.
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef FLEXMORE_H
+#define FLEXMORE_H
+
+#include "postgres.h"
+
+#include "engine/engine.h"
+#include "utils/array.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+/* ---------- settings (flexmore.c) ---------- */
+
+extern int	flexmore_max_context;
+extern int	flexmore_max_call_memory;	/* kB */
+
+/* ---------- shared helpers (flexmore.c) ---------- */
+
+/*
+ * Raises err as an ERROR with the SQLSTATE its status maps to.  what, when
+ * not NULL, is prefixed to the message (a file or model name).
+ */
+extern void fm_raise(const fm_error *err, const char *what) pg_attribute_noreturn();
+
+/* Fills a with an allocator over cxt that returns NULL on failure. */
+extern void fm_allocator_init(fm_allocator *a, MemoryContext cxt);
+
+/*
+ * Interrupt callback for the engine: true when an interrupt is pending.
+ * After the engine returns FM_ECANCELED the caller runs
+ * CHECK_FOR_INTERRUPTS(), which raises the cancel or terminate error.
+ */
+extern bool fm_interrupt_pending(void *arg);
+
+/*
+ * Switches the current user to the extension owner, so the storage
+ * tables can be read and written without privileges of the caller.
+ * fm_restore_user undoes it; callers restore in PG_FINALLY.
+ */
+typedef struct fm_user_switch
+{
+	Oid			saved_user;
+	int			saved_sec_context;
+} fm_user_switch;
+
+extern void fm_switch_to_owner(fm_user_switch *sw);
+extern void fm_restore_user(const fm_user_switch *sw);
+
+/*
+ * Converts text in the database encoding to a palloc'd, NUL-terminated
+ * UTF-8 copy.  Raises an error when the result is not valid UTF-8.
+ */
+extern char *fm_text_to_utf8(const char *s, int len, int *out_len);
+
+/*
+ * Builds a text datum in the database encoding from bytes the tokenizer
+ * decoded: a multi-byte character cut at the end is dropped, other
+ * invalid UTF-8 and NUL bytes become U+FFFD, and characters the database
+ * encoding cannot represent become '?'.
+ */
+extern text *fm_utf8_to_text(const char *s, size_t len);
+
+/* ---------- storage (storage.c) ---------- */
+
+#define FM_CHUNK_RAW_MAX	((size_t) 64 * 1024 * 1024)
+
+/*
+ * Header at the start of every flexmore.tensor_chunks.data value, stored
+ * little-endian.  raw_len is the byte count after decompression and
+ * stored_len the payload byte count that follows the header.
+ */
+#define FM_CHUNK_MAGIC		0x4b43464du	/* "MFCK" read as little-endian */
+#define FM_CHUNK_VERSION	1
+#define FM_CHUNK_COMPRESSED	0x0001
+
+typedef struct fm_chunk_header
+{
+	uint32		magic;
+	uint16		version;
+	uint16		flags;
+	uint32		raw_len;
+	uint32		stored_len;
+} fm_chunk_header;
+
+/* A model row as the inference functions need it. */
+typedef struct fm_model_row
+{
+	int64		id;
+	int64		generation;
+	TimestampTz created;
+	char	   *config_json;
+} fm_model_row;
+
+/*
+ * Callers of the fm_storage_* functions hold an SPI connection and run as
+ * the extension owner (fm_switch_to_owner).
+ */
+extern bool fm_storage_find_model(const char *name, fm_model_row *row);
+extern int64 fm_storage_insert_model(const char *name, const char *architecture,
+									 const char *config_json, int64 generation);
+extern void fm_storage_finish_model(int64 model_id, int64 parameters,
+									int64 raw_bytes, int64 stored_bytes);
+extern bool fm_storage_delete_model(const char *name, int64 *generation);
+extern void fm_storage_insert_expert(int64 model_id, int expert_index,
+									 const char *name, int rank);
+extern void fm_storage_insert_tokenizer(int64 model_id, const char *json);
+extern char *fm_storage_read_tokenizer(int64 model_id, const char *model_name);
+extern int64 fm_storage_insert_tensor(int64 model_id, const char *name, int expert_index,
+									  fm_dtype dtype, int ndim, const int64 *shape,
+									  int64 raw_bytes);
+extern void fm_storage_set_checksum(int64 tensor_id, const uint8 *sha256);
+extern int64 fm_storage_insert_chunk(int64 tensor_id, int seq,
+									 const char *raw, size_t raw_len);
+
+/* Expert names of a model in index order, palloc'd in the current context. */
+extern char **fm_storage_read_experts(int64 model_id, int *n);
+
+/* One stored tensor, as listed by fm_storage_list_tensors. */
+typedef struct fm_stored_tensor
+{
+	int64		id;
+	char	   *name;
+	fm_dtype	dtype;
+	int32		ndim;
+	int64		shape[FM_MAX_DIMS];
+	int64		raw_bytes;
+	uint8		checksum[32];
+} fm_stored_tensor;
+
+extern fm_stored_tensor *fm_storage_list_tensors(int64 model_id, int *n);
+
+/*
+ * Reads a tensor's chunks in order, checks each chunk header, decompresses
+ * and widens the elements into dst (raw_bytes / dtype size floats), then
+ * checks the SHA-256 of the raw bytes against the stored checksum.
+ */
+extern void fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_name,
+								   float *dst);
+
+/* ---------- per-backend model cache (model_load.c) ---------- */
+
+/*
+ * A model as one backend holds it.  Everything lives in cxt, a child of
+ * TopMemoryContext that is deleted when the model is dropped or
+ * re-imported.  weights_loaded is false until the first call that needs
+ * the forward pass; the tokenizer and expert names are loaded with the
+ * entry.
+ */
+typedef struct fm_cached_model
+{
+	char	   *name;
+	int64		id;
+	int64		generation;
+	TimestampTz created;
+	MemoryContext cxt;
+	fm_allocator allocator;
+	fm_model	model;
+	fm_layer_weights *layers;
+	bool		weights_loaded;
+	fm_tokenizer *tokenizer;
+	int32		id_limit;		/* one past the tokenizer's largest id */
+	bool	   *sampleable;		/* [vocab_size] */
+	int			num_experts;
+	char	  **expert_names;	/* [num_experts] */
+	struct fm_cached_model *next;
+} fm_cached_model;
+
+/*
+ * Returns the current version of the named model, reading it from the
+ * tables when this backend has none or an older generation.  With
+ * need_weights the weights are loaded and converted to fp32 too.
+ * Raises 42704 when the model does not exist.
+ */
+extern fm_cached_model *fm_model_get(const char *name, bool need_weights);
+
+/* Forgets the named model in this backend, if held. */
+extern void fm_model_forget(const char *name);
+
+/* ---------- helpers of the SQL functions (functions.c) ---------- */
+
+extern int32 *fm_encode_text(fm_cached_model *entry, text *input, bool allow_special,
+							 int *n);
+extern text *fm_decode_ids(fm_cached_model *entry, const int32 *ids, int n);
+extern void fm_check_token_id(const fm_cached_model *entry, int32 id);
+extern int32 *fm_array_to_ids(ArrayType *array, const char *argname, int *n);
+
+#endif							/* FLEXMORE_H */
