@@ -25,6 +25,15 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# The bundled default model goes to SHAREDIR/flexmore/models/default, where
+# flexmore_import (which reads server files) can find it.
+MODEL_FILES = $(wildcard models/default/*)
+install: install-models
+install-models:
+	$(MKDIR_P) '$(DESTDIR)$(datadir)/flexmore/models/default'
+	$(if $(MODEL_FILES),$(INSTALL_DATA) $(MODEL_FILES) '$(DESTDIR)$(datadir)/flexmore/models/default/')
+.PHONY: install-models
+
 # ---------- engine and tools, built without the server ----------
 
 PG_INCLUDEDIR_SERVER := $(shell $(PG_CONFIG) --includedir-server)
