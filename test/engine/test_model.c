@@ -427,6 +427,7 @@ test_forward_errors(void)
 	int32_t		bad[2] = {1, 16};
 	float		logits[16];
 	bool		none[4] = {false, false, false, false};
+	fm_session *too_long = NULL;
 
 	lcg_state = 3;
 	store_fill(&s, &c);
@@ -454,7 +455,8 @@ test_forward_errors(void)
 	CHECK(fm_session_position(session) == 0);
 
 	CHECK(fm_session_set_experts(session, none, &err) == FM_EINVAL);
-	CHECK(fm_session_create(&m, &fm_malloc_allocator, 129, &session, &err) == FM_EINVAL);
+	CHECK(fm_session_create(&m, &fm_malloc_allocator, 129, &too_long, &err) == FM_EINVAL);
+	CHECK(too_long == NULL);
 
 	fm_session_destroy(session);
 	store_free(&s);

@@ -101,7 +101,7 @@ PRESETS = {
         seed=100, layout="factorised", hidden=64, heads=4, kv_heads=2, inter=128,
         experts=5, ranks=[0, 16, 4, 0, 1], top_k=2, tie=True, dtype="BF16",
         eos=100257, pad=100277, vocab_size=100352, max_pos=4096, rope_theta=500000.0,
-        expert_names=["public", "danish", "legal", "code", "news"], tokenizer="cl100k",
+        expert_names=["public", "rank16", "rank4", "full", "rank1"], tokenizer="cl100k",
         doc="bundled demo model: factorised flexmore, cl100k tokenizer, BF16, tied, "
             "vocab 100352"),
 }
