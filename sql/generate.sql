@@ -42,7 +42,7 @@ SELECT flexmore_logits('gen', ARRAY[-1]);
 SELECT flexmore_logits('gen', NULL) IS NULL AS null_ids;
 SELECT flexmore_logits('no such model', ARRAY[1]);
 
--- G1: temperature 0 is greedy whatever the seed; a seed repeats a sample.
+-- temperature 0 is greedy whatever the seed; a seed repeats a sample.
 SELECT flexmore_generate('gen', 'hello', 8, seed => 1) =
 	   flexmore_generate('gen', 'hello', 8, seed => 2) AS greedy_ignores_seed;
 SELECT flexmore_generate('gen', 'hello', 8, temperature => 1, seed => 42) =
@@ -56,7 +56,7 @@ SELECT flexmore_generate('gen', 'hello', 4, top_p => 0);
 SELECT flexmore_generate('gen', 'hello', 4, top_p => 1.5);
 SELECT flexmore_generate('gen', 'hello', 4, top_k => -1);
 
--- G2: max_tokens 0 gives '' without sampling; negative is an error; 1
+-- max_tokens 0 gives '' without sampling; negative is an error; 1
 -- gives exactly one token unless it is an end-of-sequence id.
 SELECT flexmore_generate('gen', 'hello', 0) AS zero_tokens;
 SELECT * FROM flexmore_generate_detail('gen', 'hello', 0);
@@ -72,7 +72,7 @@ SELECT d.prompt_tokens = array_length(flexmore_tokenize('gen', 'hello world'), 1
 	   (d.finish_reason = 'max_tokens') = (d.completion_tokens = 12) AS count_matches_reason
 FROM flexmore_generate_detail('gen', 'hello world', 12) d;
 
--- G3: a prompt longer than the context is an error and the session
+-- a prompt longer than the context is an error and the session
 -- still works; prompt plus max_tokens past the context stops there.
 SET flexmore.max_context = 16;
 SELECT array_length(flexmore_tokenize('gen', repeat('a b ', 20)), 1) > 16 AS long_prompt;
@@ -96,7 +96,7 @@ EXCEPTION WHEN program_limit_exceeded THEN
 END $$;
 RESET flexmore.max_call_memory;
 
--- N6: the padded rows have the largest logits, yet generation only
+-- the padded rows have the largest logits, yet generation only
 -- returns ids the tokenizer knows.
 SELECT argmax(flexmore_logits('gen_padded', flexmore_tokenize('gen_padded', 'hello'))) >= 300
 	AS padding_wins_argmax;

@@ -96,6 +96,14 @@ WHERE NOT EXISTS (SELECT 1 FROM flexmore.tensors t WHERE t.id = c.tensor_id);
 SELECT flexmore_drop_model('imp_sharded');
 SELECT flexmore_drop_model('no such model');
 
+-- Import and drop write, so a read-only transaction rejects them.
+BEGIN READ ONLY;
+SELECT flexmore_import('imp_read_only', :'models' || '/flex_olmo_f32');
+ROLLBACK;
+BEGIN READ ONLY;
+SELECT flexmore_drop_model('imp_read_only');
+ROLLBACK;
+
 -- The storage is registered for pg_dump.
 SELECT c.relname
 FROM pg_extension e, unnest(e.extconfig) AS cfg(oid) JOIN pg_class c ON c.oid = cfg.oid

@@ -8,6 +8,8 @@
  */
 #include "flexmore.h"
 
+#include "tcop/utility.h"
+
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -165,6 +167,7 @@ flexmore_drop_model(PG_FUNCTION_ARGS)
 	bool		found = false;
 	int64		generation;
 
+	PreventCommandIfReadOnly("flexmore_drop_model()");
 	SPI_connect();
 	fm_switch_to_owner(&sw);
 	PG_TRY();

@@ -25,6 +25,8 @@
  */
 #include "flexmore.h"
 
+#include "tcop/utility.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -694,6 +696,7 @@ flexmore_import(PG_FUNCTION_ARGS)
 	fm_user_switch sw;
 	int64		model_id = 0;
 
+	PreventCommandIfReadOnly("flexmore_import()");
 	fm_import_check_privilege();
 	if (model_name[0] == '\0')
 		ereport(ERROR,
