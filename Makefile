@@ -3,7 +3,7 @@
 
 EXTENSION = flexmore
 MODULE_big = flexmore
-EXTVERSION = 0.1.0
+EXTVERSION = 0.2.0
 
 ENGINE_SRCS = $(wildcard src/engine/*.c)
 READER_SRCS = $(wildcard src/reader/*.c)

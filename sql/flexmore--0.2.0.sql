@@ -1,0 +1,184 @@
+-- flexmore 0.2.0: storage for imported checkpoints and the SQL functions
+-- that run them.
+
+\echo Use "CREATE EXTENSION flexmore" to load this file. \quit
+
+-- Storage.  Only the extension owner can read or write these tables; the
+-- functions below read them on the caller's behalf.  Every table is
+-- registered with pg_extension_config_dump so that pg_dump keeps the
+-- imported models.
+
+CREATE SCHEMA flexmore;
+REVOKE ALL ON SCHEMA flexmore FROM PUBLIC;
+
+-- One row per imported model.  generation grows by one on every
+-- re-import of the same name; backends compare it with the copy they
+-- hold to notice a re-import or a drop on their next call.
+CREATE TABLE flexmore.models (
+	id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	name text NOT NULL UNIQUE,
+	architecture text NOT NULL,
+	config jsonb NOT NULL,
+	generation bigint NOT NULL DEFAULT 1 CHECK (generation > 0),
+	parameters bigint NOT NULL CHECK (parameters >= 0),
+	raw_bytes bigint NOT NULL CHECK (raw_bytes >= 0),
+	stored_bytes bigint NOT NULL CHECK (stored_bytes >= 0),
+	created timestamptz NOT NULL DEFAULT now()
+);
+
+-- Experts of a model; rank 0 is a full-size expert, rank r > 0 a
+-- low-rank delta on expert 0.
+CREATE TABLE flexmore.experts (
+	model_id bigint NOT NULL REFERENCES flexmore.models (id) ON DELETE CASCADE,
+	expert_index int NOT NULL CHECK (expert_index >= 0),
+	name text NOT NULL,
+	rank int NOT NULL CHECK (rank >= 0),
+	PRIMARY KEY (model_id, expert_index),
+	UNIQUE (model_id, name)
+);
+
+-- One row per checkpoint tensor, in the dtype of the file.  checksum is
+-- the SHA-256 of the raw little-endian bytes, checked when a backend
+-- loads the tensor.  expert_index is null for shared weights and for
+-- fused tensors that hold every expert.
+CREATE TABLE flexmore.tensors (
+	id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+	model_id bigint NOT NULL REFERENCES flexmore.models (id) ON DELETE CASCADE,
+	name text NOT NULL,
+	expert_index int CHECK (expert_index >= 0),
+	dtype text NOT NULL CHECK (dtype IN ('F32', 'BF16', 'F16')),
+	shape int8[] NOT NULL,
+	raw_bytes bigint NOT NULL CHECK (raw_bytes >= 0),
+	checksum bytea NOT NULL CHECK (length(checksum) = 32),
+	UNIQUE (model_id, name)
+);
+
+-- A tensor's bytes in order, at most 64 MB of raw bytes per chunk.  data
+-- starts with a 16-byte chunk header (magic, format version, flags, raw
+-- and stored lengths); the payload after it is zstd-compressed when
+-- compressed is true.  STORAGE EXTERNAL skips pglz, which would only
+-- spend time on data that zstd has compressed or that does not compress.
+CREATE TABLE flexmore.tensor_chunks (
+	tensor_id bigint NOT NULL REFERENCES flexmore.tensors (id) ON DELETE CASCADE,
+	seq int NOT NULL CHECK (seq >= 0),
+	compressed boolean NOT NULL,
+	data bytea NOT NULL,
+	PRIMARY KEY (tensor_id, seq)
+);
+ALTER TABLE flexmore.tensor_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+
+-- The model's tokenizer.json as imported.  It is bytea rather than text
+-- because the file is UTF-8 and holds characters (such as the byte-level
+-- alphabet) that a LATIN1 database cannot store as text.
+CREATE TABLE flexmore.tokenizers (
+	model_id bigint PRIMARY KEY REFERENCES flexmore.models (id) ON DELETE CASCADE,
+	tokenizer_json bytea NOT NULL
+);
+
+SELECT pg_catalog.pg_extension_config_dump('flexmore.models', '');
+SELECT pg_catalog.pg_extension_config_dump('flexmore.experts', '');
+SELECT pg_catalog.pg_extension_config_dump('flexmore.tensors', '');
+SELECT pg_catalog.pg_extension_config_dump('flexmore.tensor_chunks', '');
+SELECT pg_catalog.pg_extension_config_dump('flexmore.tokenizers', '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('flexmore.models', 'id'), '');
+SELECT pg_catalog.pg_extension_config_dump(pg_catalog.pg_get_serial_sequence('flexmore.tensors', 'id'), '');
+
+REVOKE ALL ON ALL TABLES IN SCHEMA flexmore FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA flexmore FROM PUBLIC;
+
+-- Administration.  EXECUTE is revoked from PUBLIC: a DBA grants it to the
+-- roles that may import or drop models.  Importing also needs superuser
+-- or membership in pg_read_server_files, because it reads server files.
+
+CREATE FUNCTION flexmore_import(model_name text, source_dir text,
+								replace boolean DEFAULT false)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'flexmore_import'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_drop_model(model_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_drop_model'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+REVOKE EXECUTE ON FUNCTION flexmore_import(text, text, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_drop_model(text) FROM PUBLIC;
+
+-- Inference.  These write nothing, so they run in read-only transactions,
+-- on hot standbys and in parallel workers.  They keep the default EXECUTE
+-- for PUBLIC; a DBA who wants to limit who runs models revokes it and
+-- grants it to a role.
+
+CREATE FUNCTION flexmore_tokenize(model_name text, input text,
+								  allow_special boolean DEFAULT false)
+RETURNS int[]
+AS 'MODULE_PATHNAME', 'flexmore_tokenize'
+LANGUAGE C STABLE STRICT PARALLEL SAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_detokenize(model_name text, ids int[])
+RETURNS text
+AS 'MODULE_PATHNAME', 'flexmore_detokenize'
+LANGUAGE C STABLE STRICT PARALLEL SAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+-- experts may be NULL (every expert), so the function is not STRICT; a
+-- NULL model_name or ids gives NULL.
+CREATE FUNCTION flexmore_logits(model_name text, ids int[],
+								experts text[] DEFAULT NULL)
+RETURNS real[]
+AS 'MODULE_PATHNAME', 'flexmore_logits'
+LANGUAGE C STABLE PARALLEL SAFE COST 10000
+SET search_path = pg_catalog, pg_temp;
+
+-- seed and experts may be NULL (a random seed, every expert).  A NULL in
+-- any other argument gives NULL, as a STRICT function would.  VOLATILE
+-- because a NULL seed draws a random one.
+CREATE FUNCTION flexmore_generate(model_name text, prompt text,
+								  max_tokens int DEFAULT 64,
+								  temperature float8 DEFAULT 0,
+								  top_p float8 DEFAULT 1,
+								  top_k int DEFAULT 0,
+								  seed bigint DEFAULT NULL,
+								  experts text[] DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'flexmore_generate'
+LANGUAGE C VOLATILE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+-- Same as flexmore_generate, with why generation stopped ('eos',
+-- 'max_tokens' or 'length' when the context is full) and token counts.
+-- A NULL argument other than seed and experts gives no row.
+CREATE FUNCTION flexmore_generate_detail(model_name text, prompt text,
+										 max_tokens int DEFAULT 64,
+										 temperature float8 DEFAULT 0,
+										 top_p float8 DEFAULT 1,
+										 top_k int DEFAULT 0,
+										 seed bigint DEFAULT NULL,
+										 experts text[] DEFAULT NULL)
+RETURNS TABLE (completion text, finish_reason text,
+			   prompt_tokens int, completion_tokens int)
+AS 'MODULE_PATHNAME', 'flexmore_generate_detail'
+LANGUAGE C VOLATILE PARALLEL SAFE COST 100000 ROWS 1
+SET search_path = pg_catalog, pg_temp;
+
+-- Imported models with their sizes.  The view reads the storage tables
+-- with its owner's rights, so it needs a grant of its own.
+CREATE VIEW flexmore_models AS
+SELECT m.name,
+	   m.id,
+	   m.architecture,
+	   (m.config ->> 'hidden_size')::int AS hidden_size,
+	   (m.config ->> 'num_hidden_layers')::int AS layers,
+	   (m.config ->> 'vocab_size')::int AS vocab_size,
+	   (SELECT count(*) FROM flexmore.experts e WHERE e.model_id = m.id)::int AS experts,
+	   (m.config ->> 'num_experts_per_tok')::int AS top_k,
+	   m.parameters,
+	   m.stored_bytes AS bytes_stored,
+	   m.generation,
+	   m.created
+FROM flexmore.models m;
+
+GRANT SELECT ON flexmore_models TO PUBLIC;
