@@ -344,6 +344,25 @@ fm_status	fm_tokenizer_encode(const fm_tokenizer *tok, const char *text, size_t 
 								bool allow_special, int32_t **ids, int32_t *n_ids,
 								fm_error *err);
 
+/* Options of fm_tokenizer_encode_ex. */
+typedef struct fm_encode_options
+{
+	bool		allow_special;	/* as for fm_tokenizer_encode */
+	size_t		max_ids;		/* FM_ELIMIT past this many ids; 0 = no limit */
+	fm_interrupt_fn interrupt;	/* polled during long texts; may be NULL */
+	void	   *interrupt_arg;
+} fm_encode_options;
+
+/*
+ * Encodes like fm_tokenizer_encode, stopping with FM_ELIMIT once the
+ * text yields more than max_ids ids and with FM_ECANCELED when the
+ * interrupt callback returns true, so a huge text can be bounded and
+ * cancelled.
+ */
+fm_status	fm_tokenizer_encode_ex(const fm_tokenizer *tok, const char *text, size_t len,
+								   const fm_encode_options *options, int32_t **ids,
+								   int32_t *n_ids, fm_error *err);
+
 /*
  * Decodes ids to bytes (ByteLevel decoding; added tokens decode to their
  * content).  The result may end inside a multi-byte UTF-8 character; see

@@ -132,7 +132,11 @@ fm_sample(const float *logits, const bool *sampleable, int32_t vocab_size,
 	double		mass = 0.0;
 	double		u;
 
-	if (params->temperature <= 0.0)
+	/*
+	 * A temperature so small that its inverse overflows (a subnormal
+	 * double) is the greedy limit; scaling by infinity would give NaN.
+	 */
+	if (params->temperature <= 0.0 || isinf(1.0 / params->temperature))
 		return sample_greedy(logits, sampleable, vocab_size);
 
 	for (int32_t id = 0; id < vocab_size; id++)

@@ -927,7 +927,30 @@ typedef struct fm_encoder
 	int32_t    *sym;			/* BPE: ids, prev, next, heap */
 	size_t		sym_cap;
 	pcre2_match_data *md;
+
+	size_t		max_ids;		/* 0 = no limit */
+	fm_interrupt_fn interrupt;	/* NULL = never polled */
+	void	   *interrupt_arg;
+	uint32_t	work;			/* units of work since the last poll */
 } fm_encoder;
+
+/* Units of work (regex matches, pieces) between two interrupt polls. */
+#define ENCODER_POLL_INTERVAL 4096
+
+/*
+ * Counts one unit of work and polls the interrupt callback every
+ * ENCODER_POLL_INTERVAL units, so cancelling a huge text is prompt.
+ */
+static fm_status
+encoder_poll(fm_encoder *enc)
+{
+	if (enc->interrupt == NULL || ++enc->work < ENCODER_POLL_INTERVAL)
+		return FM_OK;
+	enc->work = 0;
+	if (enc->interrupt(enc->interrupt_arg))
+		return fm_set_error(enc->err, FM_ECANCELED, "tokenization canceled");
+	return FM_OK;
+}
 
 #define GROW(enc, field, count, need) \
 	tok_grow((enc)->tok, (void **) &(enc)->field, &(enc)->count, (need), \
@@ -936,7 +959,12 @@ typedef struct fm_encoder
 static fm_status
 emit_id(fm_encoder *enc, int32_t id)
 {
-	fm_status	st = GROW(enc, ids, ids_cap, enc->n_ids + 1);
+	fm_status	st;
+
+	if (enc->max_ids > 0 && enc->n_ids >= enc->max_ids)
+		return fm_set_error(enc->err, FM_ELIMIT, "text encodes to more than %zu tokens",
+							enc->max_ids);
+	st = GROW(enc, ids, ids_cap, enc->n_ids + 1);
 
 	if (st == FM_OK)
 		enc->ids[enc->n_ids++] = id;
@@ -1013,6 +1041,8 @@ find_matches(fm_encoder *enc, pcre2_code *code, const char *s, size_t len)
 			return fm_set_error(enc->err, rc == PCRE2_ERROR_NOMEMORY ? FM_ENOMEM : FM_ELIMIT,
 								"split pattern failed on a piece of %zu bytes: %s", len, msg);
 		}
+		if ((st = encoder_poll(enc)) != FM_OK)
+			return st;
 		ov = pcre2_get_ovector_pointer(enc->md);
 		ms = ov[0];
 		me = ov[1];
@@ -1364,7 +1394,11 @@ encode_segment(fm_encoder *enc, const char *s, size_t len)
 	}
 
 	for (size_t i = 0; i < enc->n_pieces && st == FM_OK; i++)
-		st = bpe_piece(enc, enc->pieces[i].p, enc->pieces[i].len);
+	{
+		st = encoder_poll(enc);
+		if (st == FM_OK)
+			st = bpe_piece(enc, enc->pieces[i].p, enc->pieces[i].len);
+	}
 
 	if (spaced != NULL)
 		fm_free(&tok->alloc, spaced);
@@ -1449,6 +1483,17 @@ fm_tokenizer_encode(const fm_tokenizer *tok, const char *text, size_t len,
 					bool allow_special, int32_t **ids, int32_t *n_ids,
 					fm_error *err)
 {
+	fm_encode_options options = {.allow_special = allow_special};
+
+	return fm_tokenizer_encode_ex(tok, text, len, &options, ids, n_ids, err);
+}
+
+fm_status
+fm_tokenizer_encode_ex(const fm_tokenizer *tok, const char *text, size_t len,
+					   const fm_encode_options *options, int32_t **ids,
+					   int32_t *n_ids, fm_error *err)
+{
+	bool		allow_special = options->allow_special;
 	fm_encoder	enc;
 	size_t		valid;
 	size_t		pos = 0;
@@ -1466,6 +1511,9 @@ fm_tokenizer_encode(const fm_tokenizer *tok, const char *text, size_t len,
 	memset(&enc, 0, sizeof(enc));
 	enc.tok = tok;
 	enc.err = err;
+	enc.max_ids = options->max_ids;
+	enc.interrupt = options->interrupt;
+	enc.interrupt_arg = options->interrupt_arg;
 	enc.md = pcre2_match_data_create(1, tok->pcre_gc);
 	if (enc.md == NULL)
 		return fm_set_error(err, FM_ENOMEM, "out of memory creating PCRE2 match data");

@@ -290,8 +290,11 @@ parse_fields(const fm_json *root, fm_config *c, fm_error *err)
 	if (root->kind != FM_JSON_OBJECT)
 		return fm_set_error(err, FM_EINVAL, "%s: expected an object, got %s",
 							CONFIG_FILE, fm_json_kind_name(root->kind));
-	if (type == NULL || type->kind != FM_JSON_STRING)
+	if (type == NULL)
 		return fm_set_error(err, FM_EINVAL, "%s: missing field model_type", CONFIG_FILE);
+	if (type->kind != FM_JSON_STRING)
+		return fm_set_error(err, FM_EINVAL, "%s: model_type must be a string, got %s",
+							CONFIG_FILE, fm_json_kind_name(type->kind));
 	if (strcmp(type->text, "flex_olmo") != 0 && strcmp(type->text, "flexmore") != 0)
 		return fm_set_error(err, FM_EUNSUPPORTED,
 							"%s: model_type %s is not supported; expected flex_olmo or flexmore",

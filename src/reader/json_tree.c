@@ -41,6 +41,7 @@ typedef struct tree_state
 	fm_json    *root;
 	fm_json    *cursor;			/* container receiving values */
 	char	   *pending_key;	/* member name for the next value */
+	char	   *duplicate_key;	/* first member name seen twice in an object */
 } tree_state;
 
 static void
@@ -118,7 +119,24 @@ static JSON_ACTION_TYPE
 on_field_start(void *arg, char *fname, bool isnull)
 {
 	tree_state *state = arg;
+	fm_json    *obj = state->cursor;
 
+	/*
+	 * A repeated key would be read here as its first value but stored in
+	 * jsonb as its last, so the checks and the stored config could
+	 * disagree: reject it.
+	 */
+	if (state->duplicate_key == NULL && obj != NULL)
+	{
+		for (int32_t i = 0; i < obj->count; i++)
+		{
+			if (obj->keys[i] != NULL && strcmp(obj->keys[i], fname) == 0)
+			{
+				state->duplicate_key = fname;
+				break;
+			}
+		}
+	}
 	state->pending_key = fname;
 	JSON_ACTION_DONE;
 }
@@ -318,11 +336,16 @@ fm_json_parse(const char *json, size_t len, const char *what,
 	JsonParseErrorType result;
 	tree_state	state = {0};
 	const char *text;
+	int			valid;
 
 	*out = NULL;
 	if (len > INT32_MAX)
 		return fm_set_error(err, FM_ELIMIT, "%s is too large to parse: %zu bytes",
 							what, len);
+	valid = pg_encoding_verifymbstr(PG_UTF8, json, (int) len);
+	if ((size_t) valid != len)
+		return fm_set_error(err, FM_EINVAL, "%s is not valid UTF-8 at byte %d",
+							what, valid);
 	text = fm_json_utf8_escapes(json, len, &len);
 
 #if PG_VERSION_NUM >= 170000
@@ -364,6 +387,13 @@ fm_json_parse(const char *json, size_t len, const char *what,
 
 	if (result != JSON_SUCCESS)
 		return FM_EINVAL;
+	if (state.duplicate_key != NULL)
+	{
+		fm_set_error(err, FM_EINVAL, "duplicate key \"%s\" in %s",
+					 state.duplicate_key, what);
+		fm_json_free(state.root);
+		return FM_EINVAL;
+	}
 	*out = state.root;
 	return FM_OK;
 }

@@ -99,9 +99,15 @@ parse_tensor(const char *name, const fm_json *entry, const fm_st_file *file,
 		int64_t		dim;
 
 		if (!fm_json_int64(shape->items[d], &dim) || dim < 0)
+		{
+			const fm_json *item = shape->items[d];
+
 			return fm_set_error(err, FM_EINVAL,
-								"safetensors header: tensor %s has invalid dimension %d",
-								name, d);
+								"safetensors header: tensor %s has invalid size %s in dimension %d; expected a non-negative integer",
+								name,
+								item->kind == FM_JSON_NUMBER ? item->text : fm_json_kind_name(item->kind),
+								d);
+		}
 		t->shape[d] = dim;
 		if (__builtin_mul_overflow(elements, (uint64_t) dim, &elements))
 			return fm_set_error(err, FM_EINVAL,

@@ -275,6 +275,13 @@ test_sampler_padded_vocab(void)
 	/* greedy: the tie between 1 and 2 goes to 1 */
 	CHECK(fm_sample(logits, sampleable, 8, &greedy, &rng, scratch_f, scratch_i) == 1);
 
+	/* a subnormal temperature, whose inverse overflows, is greedy too */
+	greedy.temperature = 5e-324;
+	CHECK(fm_sample(logits, sampleable, 8, &greedy, &rng, scratch_f, scratch_i) == 1);
+	greedy.temperature = 1e-310;
+	CHECK(fm_sample(logits, sampleable, 8, &greedy, &rng, scratch_f, scratch_i) == 1);
+	greedy.temperature = 0.0;
+
 	for (int i = 0; i < 2000; i++)
 	{
 		int32_t		id = fm_sample(logits, sampleable, 8, &hot, &rng, scratch_f, scratch_i);

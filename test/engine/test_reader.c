@@ -117,7 +117,15 @@ test_safetensors_rejections(void)
 	CHECK(parse_header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]},"
 					   " \"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [4, 8]}}",
 					   8, &file, &err) == FM_EINVAL);
-	CHECK(strstr(err.message, "tensor a appears twice") != NULL);
+	CHECK(strstr(err.message, "duplicate key \"a\"") != NULL);
+
+	/* the message names the bad size, not only its position */
+	CHECK(parse_header("{\"a\": {\"dtype\": \"F32\", \"shape\": [2, -32], \"data_offsets\": [0, 4]}}",
+					   4, &file, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "invalid size -32 in dimension 1") != NULL);
+	CHECK(parse_header("{\"a\": {\"dtype\": \"F32\", \"shape\": [31.5], \"data_offsets\": [0, 4]}}",
+					   4, &file, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "invalid size 31.5 in dimension 0") != NULL);
 
 	/* malformed entries and JSON */
 	CHECK(parse_header("{\"a\": {\"dtype\": \"F32\", \"shape\": [1]}}", 4, &file, &err) == FM_EINVAL);
@@ -262,6 +270,16 @@ test_config_errors(void)
 					   " \"rope_theta\": \"big\"}", &c, &err) == FM_EINVAL);
 	CHECK(strstr(err.message, "rope_theta must be a finite number") != NULL);
 	CHECK(parse_config("{\"model_type\": ", &c, &err) == FM_EINVAL);
+
+	CHECK(parse_config("{\"model_type\": 5}", &c, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "model_type must be a string, got number") != NULL);
+
+	/* a repeated key would be checked with one value and stored with another */
+	CHECK(parse_config("{\"model_type\": \"flex_olmo\", " BASE_CONFIG ", \"num_experts\": 3,"
+					   " \"rope_theta\": 10000, \"rope_theta\": 500000}", &c, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "duplicate key \"rope_theta\"") != NULL);
+	CHECK(parse_config("{\"model_type\": \"flex\xff\"}", &c, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "not valid UTF-8 at byte 20") != NULL);
 }
 
 static void

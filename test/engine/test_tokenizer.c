@@ -610,6 +610,56 @@ dump_json(const char *dir)
 	return failed;
 }
 
+static int	polls_until_stop;
+
+/* Interrupt callback that asks to stop on its polls_until_stop-th call. */
+static bool
+stop_after_polls(void *arg)
+{
+	return --polls_until_stop <= 0;
+}
+
+static void
+test_encode_limits(void)
+{
+	fm_tokenizer *tok;
+	fm_error	err;
+	int32_t    *ids;
+	int32_t		n;
+	fm_encode_options options = {0};
+	size_t		len = 200000;
+	char	   *text = malloc(len);
+
+	if ((tok = load_ok(&base_file)) == NULL)
+		return;
+
+	/* "a a a ..." gives one id per word, so 100000 ids. */
+	for (size_t i = 0; i < len; i += 2)
+	{
+		text[i] = 'a';
+		text[i + 1] = ' ';
+	}
+
+	options.max_ids = 1000;
+	CHECK(fm_tokenizer_encode_ex(tok, text, len, &options, &ids, &n, &err) == FM_ELIMIT);
+	CHECK(strstr(err.message, "more than 1000 tokens") != NULL);
+	CHECK(ids == NULL);
+
+	options.max_ids = 0;
+	options.interrupt = stop_after_polls;
+	polls_until_stop = 3;
+	CHECK(fm_tokenizer_encode_ex(tok, text, len, &options, &ids, &n, &err) == FM_ECANCELED);
+	CHECK(polls_until_stop == 0);
+
+	/* Without a stop the same text encodes whole. */
+	polls_until_stop = 1000000;
+	CHECK(fm_tokenizer_encode_ex(tok, text, len, &options, &ids, &n, &err) == FM_OK);
+	CHECK(n >= 100000);
+	free(ids);
+	free(text);
+	fm_tokenizer_free(tok);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -622,6 +672,7 @@ main(int argc, char **argv)
 	test_byte_level_regex();
 	test_unsupported_types();
 	test_invalid_input();
+	test_encode_limits();
 	test_utf8_complete_prefix();
 	test_streaming_pieces();
 	return TEST_SUMMARY();
