@@ -8,11 +8,10 @@
  */
 #include "flexmore.h"
 
-#include "tcop/utility.h"
-
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 
