@@ -17,9 +17,16 @@ REGRESS_OPTS = --inputdir=. --load-extension=flexmore
 DEPS_CFLAGS := $(shell pkg-config --cflags openblas libzstd libpcre2-8)
 DEPS_LIBS := $(shell pkg-config --libs openblas libzstd libpcre2-8)
 
+# ---------- shared-cache work: OpenBLAS is not linked into flexmore.so ----------
+# Debian's pthread OpenBLAS starts threads when it is loaded, and
+# shared_preload_libraries loads flexmore.so into the postmaster, which
+# must stay single-threaded.  Backends dlopen OpenBLAS on first use
+# (src/blas.c); the standalone build links it (FM_LINK_CBLAS).
+MODULE_DEPS_LIBS := $(shell pkg-config --libs libzstd libpcre2-8)
+
 PG_CPPFLAGS = -I$(srcdir)/src $(DEPS_CFLAGS)
 PG_CFLAGS = -std=gnu11 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
-SHLIB_LINK = $(DEPS_LIBS) -lm
+SHLIB_LINK = $(MODULE_DEPS_LIBS) -lm -ldl -lpthread
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -40,7 +47,7 @@ PG_INCLUDEDIR_SERVER := $(shell $(PG_CONFIG) --includedir-server)
 PG_PKGLIBDIR_STATIC := $(shell $(PG_CONFIG) --libdir) $(shell $(PG_CONFIG) --pkglibdir)
 TOOL_CC = $(CC)
 TOOL_CFLAGS = -std=gnu11 -O2 -g -Wall -Wextra -Wno-unused-parameter \
-	-Wno-missing-field-initializers -Isrc $(DEPS_CFLAGS)
+	-Wno-missing-field-initializers -Isrc $(DEPS_CFLAGS) -DFM_LINK_CBLAS
 FE_CFLAGS = $(TOOL_CFLAGS) -DFRONTEND -I$(PG_INCLUDEDIR_SERVER)
 FE_LIBS = $(addprefix -L,$(PG_PKGLIBDIR_STATIC)) -lpgcommon -lpgport $(DEPS_LIBS) -lm -lpthread
 
@@ -75,10 +82,56 @@ $(BUILD)/tools/%: tools/%.c $(BUILD)/libfmengine.a
 engine: $(BUILD)/libfmengine.a
 tools: $(TOOLS)
 
-# Runs every engine unit test; each prints "N passed, N failed".
+# Runs every engine unit test; each prints "N passed, N failed", and the
+# last line is their sum.  A program that crashes or fails counts as a
+# failure even if its own count line is missing.
 engine-check: $(ENGINE_TESTS) $(TOOLS)
-	@set -e; for t in $(ENGINE_TESTS); do echo "== $$t"; $$t; done
+	@p=0; f=0; for t in $(ENGINE_TESTS); do \
+		echo "== $$t"; \
+		out=$$($$t); status=$$?; echo "$$out"; \
+		line=$$(echo "$$out" | grep -E '^[0-9]+ passed, [0-9]+ failed' | tail -n 1); \
+		if [ -n "$$line" ]; then \
+			p=$$((p + $${line%% passed*})); n=$${line#*passed, }; f=$$((f + $${n%% failed*})); \
+		fi; \
+		if [ $$status -ne 0 ] && { [ -z "$$line" ] || [ "$${n%% failed*}" = 0 ]; }; then f=$$((f + 1)); fi; \
+	done; \
+	echo "$$p passed, $$f failed"; [ $$f -eq 0 ]
 
 clean: clean-build
 clean-build:
 	rm -rf $(BUILD)
+
+# ---------- flexmore-import: the client command (libpq) ----------
+# Built by the generic tools rule above, plus libpq, and installed into
+# pg_config --bindir next to psql.  PGXS cannot build a PROGRAM and a
+# MODULE_big from one Makefile, hence the explicit rules.
+
+PG_INCLUDEDIR_CLIENT := $(shell $(PG_CONFIG) --includedir)
+PG_LIBDIR_CLIENT := $(shell $(PG_CONFIG) --libdir)
+IMPORT_CLIENT = $(BUILD)/tools/flexmore-import
+
+$(IMPORT_CLIENT): FE_CFLAGS += -I$(PG_INCLUDEDIR_CLIENT)
+$(IMPORT_CLIENT): FE_LIBS += -L$(PG_LIBDIR_CLIENT) -lpq
+
+all: $(IMPORT_CLIENT)
+install: install-client
+install-client: $(IMPORT_CLIENT)
+	$(MKDIR_P) '$(DESTDIR)$(bindir)'
+	$(INSTALL_PROGRAM) $(IMPORT_CLIENT) '$(DESTDIR)$(bindir)/'
+.PHONY: install-client
+
+# ---------- classification benchmark, not part of the tests ----------
+
+# Installs the extension, then runs bench/classify.sh as described there
+# (root, a throwaway cluster on port 55461; ROWS and RUNS set its size).
+.PHONY: bench-classify
+bench-classify: install
+	bash bench/classify.sh
+
+# ---------- import benchmark, not part of the tests ----------
+
+# Installs the extension, then runs bench/import.sh as described there
+# (root, a throwaway cluster on port 55492; RUNS sets the run count).
+.PHONY: bench-import
+bench-import: install
+	bash bench/import.sh

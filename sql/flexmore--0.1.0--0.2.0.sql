@@ -3,3 +3,173 @@
 -- installation and a fresh one hold the same objects.
 
 \echo Use "ALTER EXTENSION flexmore UPDATE TO '0.2.0'" to load this file. \quit
+
+-- ---------- import from large objects, expert packages, factorizing ----------
+-- Administration, like flexmore_import: EXECUTE is revoked from PUBLIC,
+-- and when flexmore.admin_role names a role, callers also need the
+-- privileges of that role.  Large objects are read with the caller's
+-- privileges; the caller unlinks them afterwards.
+
+CREATE FUNCTION flexmore_import_lo(model_name text, files jsonb,
+								   replace boolean DEFAULT false)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'flexmore_import_lo'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000000
+SET search_path = pg_catalog, pg_temp;
+
+-- expert_name NULL takes the package's own name for its expert 1.
+CREATE FUNCTION flexmore_add_expert(model_name text, source_dir text,
+									expert_name text DEFAULT NULL)
+RETURNS int
+AS 'MODULE_PATHNAME', 'flexmore_add_expert'
+LANGUAGE C VOLATILE PARALLEL UNSAFE COST 1000000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_add_expert_lo(model_name text, files jsonb,
+									   expert_name text DEFAULT NULL)
+RETURNS int
+AS 'MODULE_PATHNAME', 'flexmore_add_expert_lo'
+LANGUAGE C VOLATILE PARALLEL UNSAFE COST 1000000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_remove_expert(model_name text, expert_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_remove_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+-- method is 'auto', 'exact' or 'randomized'.  relative_error is
+-- ||W_e - (W_0 + B A)||_F / ||W_e - W_0||_F for each replaced matrix.
+CREATE FUNCTION flexmore_factorize_expert(model_name text, expert_name text,
+										  rank int, method text DEFAULT 'auto')
+RETURNS TABLE (layer int, matrix text, relative_error float8)
+AS 'MODULE_PATHNAME', 'flexmore_factorize_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 10000000 ROWS 96
+SET search_path = pg_catalog, pg_temp;
+
+REVOKE EXECUTE ON FUNCTION flexmore_import_lo(text, jsonb, boolean) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_add_expert(text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_add_expert_lo(text, jsonb, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_remove_expert(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_factorize_expert(text, text, int, text) FROM PUBLIC;
+
+-- Scoring and classification (src/classify.c, docs/classify.md).  Each
+-- sequence starts with the model's first eos id as a document boundary,
+-- conditioned on and not scored.  A label is scored as the text
+-- ' ' || label tokenized on its own after the prompt's ids.  NULL
+-- template and experts mean the default template and every expert; a
+-- NULL in any other argument gives NULL (or no rows).  STABLE and
+-- PARALLEL SAFE, so a query over a table can use parallel workers; the
+-- costs (100000 per row, about a millisecond or more of work) let the
+-- planner choose them.
+
+CREATE FUNCTION flexmore_classify(model_name text, input text, labels text[],
+								  template text DEFAULT NULL,
+								  experts text[] DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'flexmore_classify'
+LANGUAGE C STABLE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_classify_scores(model_name text, input text, labels text[],
+										 template text DEFAULT NULL,
+										 experts text[] DEFAULT NULL)
+RETURNS jsonb
+AS 'MODULE_PATHNAME', 'flexmore_classify_scores'
+LANGUAGE C STABLE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_score(model_name text, input text,
+							   experts text[] DEFAULT NULL)
+RETURNS float8
+AS 'MODULE_PATHNAME', 'flexmore_score'
+LANGUAGE C STABLE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_perplexity(model_name text, input text,
+									experts text[] DEFAULT NULL)
+RETURNS float8
+AS 'MODULE_PATHNAME', 'flexmore_perplexity'
+LANGUAGE C STABLE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_embed(model_name text, input text,
+							   experts text[] DEFAULT NULL)
+RETURNS real[]
+AS 'MODULE_PATHNAME', 'flexmore_embed'
+LANGUAGE C STABLE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+-- Batched forms: one call over arrays runs up to 64 rows through each
+-- matrix product.  One row per element of inputs, in array order; a NULL
+-- element gives NULL result columns.
+CREATE FUNCTION flexmore_classify_batch(model_name text, ids bigint[], inputs text[],
+										labels text[], template text DEFAULT NULL,
+										experts text[] DEFAULT NULL)
+RETURNS TABLE (id bigint, label text, scores jsonb)
+AS 'MODULE_PATHNAME', 'flexmore_classify_batch'
+LANGUAGE C STABLE PARALLEL SAFE COST 10000000 ROWS 1000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_score_batch(model_name text, ids bigint[], inputs text[],
+									 experts text[] DEFAULT NULL)
+RETURNS TABLE (id bigint, score float8, tokens int)
+AS 'MODULE_PATHNAME', 'flexmore_score_batch'
+LANGUAGE C STABLE PARALLEL SAFE COST 10000000 ROWS 1000
+SET search_path = pg_catalog, pg_temp;
+
+-- ---------- shared weight cache ----------
+-- With flexmore in shared_preload_libraries, model weights live once in
+-- shared memory for every connection (docs/cache.md).  The view lists
+-- what the cache holds in every database, so it is readable by
+-- pg_read_all_stats rather than PUBLIC; loading and evicting are granted
+-- by a DBA.
+
+CREATE FUNCTION flexmore_cache_entries(
+	OUT dbid oid, OUT model text, OUT expert text, OUT bytes bigint,
+	OUT generation bigint, OUT state text, OUT users int, OUT hits bigint,
+	OUT last_used timestamptz, OUT kind text)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'flexmore_cache_entries'
+LANGUAGE C VOLATILE PARALLEL SAFE ROWS 100
+SET search_path = pg_catalog, pg_temp;
+
+-- One row per cached item: the shared part of a model (expert NULL) or one
+-- expert, both of kind 'weights', or the model's parsed tokenizer (kind
+-- 'tokenizer', expert NULL).  users counts the pins of running calls; hits
+-- counts the pins that found the item already loaded.
+CREATE VIEW flexmore_cache AS
+SELECT d.datname AS database,
+	   c.model,
+	   c.expert,
+	   c.bytes,
+	   c.generation,
+	   c.state,
+	   c.users,
+	   c.hits,
+	   c.last_used,
+	   c.kind
+FROM flexmore_cache_entries() c
+LEFT JOIN pg_catalog.pg_database d ON d.oid = c.dbid;
+
+-- Loads the shared part and the named experts (NULL: all) of a model into
+-- the cache; returns their size in bytes.
+CREATE FUNCTION flexmore_cache_load(model_name text, experts text[] DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'flexmore_cache_load'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED COST 1000000
+SET search_path = pg_catalog, pg_temp;
+
+-- Frees a model's cached items in this database; returns how many were
+-- freed at once (items in use are freed when their calls end).
+CREATE FUNCTION flexmore_cache_evict(model_name text)
+RETURNS int
+AS 'MODULE_PATHNAME', 'flexmore_cache_evict'
+LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+REVOKE ALL ON FUNCTION flexmore_cache_entries() FROM PUBLIC;
+REVOKE ALL ON flexmore_cache FROM PUBLIC;
+GRANT SELECT ON flexmore_cache TO pg_read_all_stats;
+REVOKE EXECUTE ON FUNCTION flexmore_cache_load(text, text[]) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_cache_evict(text) FROM PUBLIC;

@@ -15,7 +15,7 @@
  */
 #include "flexmore.h"
 
-#include <cblas.h>
+#include "cache.h"
 
 #include "access/genam.h"
 #include "access/htup_details.h"
@@ -31,24 +31,52 @@
 #include "utils/fmgroids.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "storage/ipc.h"
 
 PG_MODULE_MAGIC;
 
 int			flexmore_max_context = 4096;
 int			flexmore_max_call_memory = 1024 * 1024;	/* kB, so 1 GB */
+int			flexmore_cache_size = 1024; /* MB */
+char	   *flexmore_prewarm = NULL;
+int			flexmore_threads = 1;
 
 void		_PG_init(void);
 
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void
+fm_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	fm_cache_shmem_request();
+}
+
+static void
+fm_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	fm_cache_shmem_startup();
+}
+
+static void
+fm_assign_threads(int newval, void *extra)
+{
+	fm_blas_set_threads(newval);
+}
+
 /*
- * Defines the settings.  OpenBLAS is limited to one thread: a backend is
- * one connection, and compute threads in every backend would oversubscribe
- * the cores.
+ * Defines the settings.  Loaded through shared_preload_libraries, it also
+ * reserves the shared weight cache and registers the prewarm workers.
+ * Nothing here starts a thread: this runs in the postmaster, which forks
+ * every backend and must stay single-threaded (see src/blas.c).
  */
 void
 _PG_init(void)
 {
-	openblas_set_num_threads(1);
-
 	DefineCustomIntVariable("flexmore.max_context",
 							"Maximum number of context tokens (prompt plus completion) per call.",
 							"The model's max_position_embeddings also caps the context.",
@@ -65,7 +93,50 @@ _PG_init(void)
 							PGC_SUSET, GUC_UNIT_KB,
 							NULL, NULL, NULL);
 
+	/* flexmore.admin_role, defined with the import code */
+	fm_import_define_settings();
+
+	DefineCustomIntVariable("flexmore.threads",
+							"Compute threads per backend for the forward pass.",
+							"Every connection running a model uses up to this many cores.",
+							&flexmore_threads,
+							1, 1, FM_MAX_THREADS,
+							PGC_SUSET, 0,
+							NULL, fm_assign_threads, NULL);
+
+	/*
+	 * NB: PostgreSQL raises FATAL when a PGC_POSTMASTER setting is defined
+	 * after start-up, so the cache settings exist only with preloading.
+	 */
+	if (!process_shared_preload_libraries_in_progress)
+	{
+		MarkGUCPrefixReserved("flexmore");
+		return;
+	}
+
+	DefineCustomIntVariable("flexmore.cache_size",
+							"Size of the shared-memory weight cache.",
+							"Reserved at server start when flexmore is in shared_preload_libraries; 0 turns the shared cache off.",
+							&flexmore_cache_size,
+							1024, 0, INT_MAX / 2,
+							PGC_POSTMASTER, GUC_UNIT_MB,
+							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("flexmore.prewarm",
+							   "Models loaded into the shared weight cache at server start.",
+							   "A comma-separated list of database.model entries.",
+							   &flexmore_prewarm,
+							   "",
+							   PGC_POSTMASTER, 0,
+							   NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("flexmore");
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = fm_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = fm_shmem_startup;
+	fm_prewarm_register();
 }
 
 /* Maps an engine status to the SQLSTATE raised to the client. */

@@ -171,6 +171,9 @@ typedef struct fm_cached_model
 	int			num_experts;
 	char	  **expert_names;	/* [num_experts] */
 	struct fm_cached_model *next;
+
+	/* shared weight cache: pins and bound items, private to model_load.c */
+	struct fm_cache_binding *binding;
 } fm_cached_model;
 
 /*
@@ -181,15 +184,81 @@ typedef struct fm_cached_model
  */
 extern fm_cached_model *fm_model_get(const char *name, bool need_weights);
 
-/* Forgets the named model in this backend, if held. */
+/*
+ * Forgets the named model in this backend, if held, and invalidates its
+ * shared-cache items when the current transaction commits.
+ */
 extern void fm_model_forget(const char *name);
+
+/* ---------- shared weight cache (model_load.c, cache.c) ---------- */
+
+/*
+ * Makes the weights of the experts with allowed[e] true (NULL: all)
+ * usable through entry->model for the current call.  With the shared
+ * cache it pins the shared part, those experts and expert 0 when a
+ * low-rank expert needs it, loading what is absent; the other experts'
+ * pointers then lead to inaccessible memory, so the session must be
+ * restricted to allowed (fm_session_set_experts).  The pins last until
+ * fm_model_release or the end of the statement.  Without the shared
+ * cache it loads every weight into this backend, once.  Raises 53200 when
+ * the cache cannot hold the items.
+ */
+extern void fm_model_use_weights(fm_cached_model *entry, const bool *allowed);
+
+/* Unpins what fm_model_use_weights pinned for this call; cannot fail. */
+extern void fm_model_release(fm_cached_model *entry);
+
+/* Forgets the named model in this backend only; true if it was held. */
+extern bool fm_model_forget_private(const char *name);
 
 /* ---------- helpers of the SQL functions (functions.c) ---------- */
 
 extern int32 *fm_encode_text(fm_cached_model *entry, text *input, bool allow_special,
 							 int *n);
+
+/*
+ * Encodes a prompt that must fit in the call's context, stopping as soon
+ * as it has more tokens than that (54000, naming what).
+ */
+extern int32 *fm_encode_prompt(fm_cached_model *entry, text *input, const char *what,
+							   int *n);
 extern text *fm_decode_ids(fm_cached_model *entry, const int32 *ids, int n);
 extern void fm_check_token_id(const fm_cached_model *entry, int32 id);
 extern int32 *fm_array_to_ids(ArrayType *array, const char *argname, int *n);
+
+/* Raises 2202E when an array argument has more than one dimension. */
+extern void fm_check_array_1d(ArrayType *array, const char *argname);
+
+/* ---------- import, large objects and experts (import.c, import_lo.c, experts.c) ---------- */
+
+/* Defines flexmore.admin_role; _PG_init calls it. */
+extern void fm_import_define_settings(void);
+
+/* ---------- checks of the inference calls, for classify.c (inference.c) ---------- */
+
+/* The smaller of flexmore.max_context and the model's max_position_embeddings. */
+extern int32 fm_call_context_limit(const fm_cached_model *entry);
+
+/* Raises 54000 when n tokens of what ("prompt", "input") exceed the context limit. */
+extern void fm_call_check_length(const fm_cached_model *entry, int n, const char *what);
+
+/*
+ * Fills allowed[num_experts] from an experts argument (NULL: every
+ * expert), raising the errors documented for experts in docs/sql.md.
+ */
+extern void fm_call_experts_mask(const fm_cached_model *entry, ArrayType *experts,
+								 bool *allowed);
+
+/* Storage functions that change a stored model (storage.c); same contract as above. */
+extern void fm_storage_read_tensor_bytes(const fm_stored_tensor *t, const char *model_name,
+										 char *dst);
+extern bool fm_storage_lock_model(const char *name, fm_model_row *row, char **architecture);
+extern void fm_storage_read_expert_ranks(int64 model_id, int *n, char ***names, int **ranks);
+extern void fm_storage_replace_experts(int64 model_id, int n, char **names, const int *ranks);
+extern void fm_storage_delete_tensor(int64 tensor_id);
+extern void fm_storage_delete_expert_tensors(int64 model_id, int expert_index);
+extern void fm_storage_shift_expert_tensors(int64 model_id, int removed);
+extern void fm_storage_update_model(int64 model_id, const char *config_json,
+									const char *architecture);
 
 #endif							/* FLEXMORE_H */

@@ -102,6 +102,7 @@ fm_experts_mask(const fm_cached_model *entry, ArrayType *experts, bool *allowed)
 	}
 
 	memset(allowed, 0, sizeof(bool) * entry->num_experts);
+	fm_check_array_1d(experts, "experts");
 	deconstruct_array(experts, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	if (n == 0)
 		ereport(ERROR,
@@ -180,7 +181,8 @@ flexmore_logits(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("ids must not be empty")));
 
-	entry = fm_model_get(model_name, true);
+	/* weights are pinned below, for the allowed experts only (shared cache) */
+	entry = fm_model_get(model_name, false);
 	vocab = entry->model.config.vocab_size;
 	for (int i = 0; i < n; i++)
 		if (ids[i] < 0 || ids[i] >= vocab)
@@ -191,6 +193,7 @@ flexmore_logits(PG_FUNCTION_ARGS)
 					 errdetail("Ids must be from 0 to %d.", vocab - 1)));
 	fm_check_prompt_length(entry, n, "ids");
 	fm_experts_mask(entry, PG_ARGISNULL(2) ? NULL : PG_GETARG_ARRAYTYPE_P(2), allowed);
+	fm_model_use_weights(entry, allowed);
 
 	call_cxt = AllocSetContextCreate(CurrentMemoryContext, "flexmore call",
 									 ALLOCSET_DEFAULT_SIZES);
@@ -210,6 +213,7 @@ flexmore_logits(PG_FUNCTION_ARGS)
 		fm_raise(&err, psprintf("model \"%s\"", model_name));
 	fm_session_destroy(session);
 	MemoryContextDelete(call_cxt);
+	fm_model_release(entry);
 
 	elems = palloc(sizeof(Datum) * vocab);
 	for (int32 i = 0; i < vocab; i++)
@@ -304,8 +308,9 @@ fm_generation_run(fm_generation *g)
 	fm_status	status;
 	fm_error	err = {0};
 
-	entry = fm_model_get(g->model_name, g->max_tokens > 0);
-	prompt = fm_encode_text(entry, g->prompt, false, &g->prompt_tokens);
+	/* weights are pinned below, for the allowed experts only (shared cache) */
+	entry = fm_model_get(g->model_name, false);
+	prompt = fm_encode_prompt(entry, g->prompt, "prompt", &g->prompt_tokens);
 	if (g->prompt_tokens == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -322,6 +327,7 @@ fm_generation_run(fm_generation *g)
 		return;
 	}
 
+	fm_model_use_weights(entry, allowed);
 	limit = fm_context_limit(entry);
 	context_len = (int32) Min((int64) g->prompt_tokens + g->max_tokens, (int64) limit);
 
@@ -347,6 +353,7 @@ fm_generation_run(fm_generation *g)
 		fm_raise(&err, psprintf("model \"%s\"", g->model_name));
 	fm_session_destroy(session);
 	MemoryContextDelete(call_cxt);
+	fm_model_release(entry);
 
 	g->completion_tokens = n_out;
 	g->completion = fm_decode_ids(entry, out, n_out);
@@ -390,4 +397,24 @@ flexmore_generate_detail(PG_FUNCTION_ARGS)
 	values[3] = Int32GetDatum(g.completion_tokens);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	return (Datum) 0;
+}
+
+/* ---------- checks shared with the scoring functions (classify.c) ---------- */
+
+int32
+fm_call_context_limit(const fm_cached_model *entry)
+{
+	return fm_context_limit(entry);
+}
+
+void
+fm_call_check_length(const fm_cached_model *entry, int n, const char *what)
+{
+	fm_check_prompt_length(entry, n, what);
+}
+
+void
+fm_call_experts_mask(const fm_cached_model *entry, ArrayType *experts, bool *allowed)
+{
+	fm_experts_mask(entry, experts, allowed);
 }

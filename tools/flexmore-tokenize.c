@@ -3,7 +3,7 @@
  * flexmore-tokenize.c
  *	  Encodes lines of text with a tokenizer.json, for conformance tests.
  *
- * Usage: flexmore-tokenize [--allow-special] TOKENIZER_JSON [INPUT]
+ * Usage: flexmore-tokenize [--allow-special] [--attached] TOKENIZER_JSON [INPUT]
  *
  * Each input line (from INPUT, or standard input) is one JSON string
  * literal, such as "a\n\nb", so that newlines, tabs and CR survive the
@@ -16,6 +16,10 @@
  * check decode(encode(s)) == s.  A line that fails to encode prints
  * "error<TAB>message", and the tool goes on with the next line.  The exit
  * status is 1 when any line failed and 2 for a usage or load error.
+ *
+ * With --attached the tool serializes the loaded tokenizer, frees it and
+ * encodes with a tokenizer attached to the image, the form the server's
+ * shared cache uses, so the conformance test covers both forms.
  *
  *-------------------------------------------------------------------------
  */
@@ -87,6 +91,37 @@ unquote(char *line, size_t len, size_t *out_len)
 	return result;
 }
 
+/*
+ * Replaces *tok with a tokenizer attached to its serialized image; the
+ * image is returned and must outlive the tokenizer.  Exits on failure.
+ */
+static void *
+attach_image(fm_tokenizer **tok)
+{
+	size_t		len = fm_tokenizer_image_size(*tok);
+	void	   *image = aligned_alloc(64, (len + 63) / 64 * 64);
+	fm_error	err;
+
+	if (image == NULL)
+	{
+		fprintf(stderr, "flexmore-tokenize: out of memory allocating a %zu-byte image\n", len);
+		exit(2);
+	}
+	if (fm_tokenizer_serialize(*tok, image, len, &err) != FM_OK)
+	{
+		fprintf(stderr, "flexmore-tokenize: could not serialize the tokenizer: %s\n", err.message);
+		exit(2);
+	}
+	fm_tokenizer_free(*tok);
+	if (fm_tokenizer_attach(image, len, &fm_malloc_allocator, tok, &err) != FM_OK)
+	{
+		fprintf(stderr, "flexmore-tokenize: could not attach to the tokenizer image: %s\n",
+				err.message);
+		exit(2);
+	}
+	return image;
+}
+
 /* Writes s as a JSON string literal. */
 static void
 print_quoted(const char *s, size_t len)
@@ -116,6 +151,8 @@ int
 main(int argc, char **argv)
 {
 	bool		allow_special = false;
+	bool		attached = false;
+	void	   *image = NULL;
 	int			argi = 1;
 	char	   *json;
 	size_t		json_len;
@@ -127,15 +164,20 @@ main(int argc, char **argv)
 	ssize_t		n;
 	int			failures = 0;
 
-	if (argi < argc && strcmp(argv[argi], "--allow-special") == 0)
+	for (; argi < argc && strncmp(argv[argi], "--", 2) == 0; argi++)
 	{
-		allow_special = true;
-		argi++;
+		if (strcmp(argv[argi], "--allow-special") == 0)
+			allow_special = true;
+		else if (strcmp(argv[argi], "--attached") == 0)
+			attached = true;
+		else
+			break;
 	}
 	if (argc - argi < 1 || argc - argi > 2)
 	{
-		fprintf(stderr, "usage: flexmore-tokenize [--allow-special] TOKENIZER_JSON [INPUT]\n"
-				"Encodes each input line, a JSON string literal, and prints its ids and decoded text.\n");
+		fprintf(stderr, "usage: flexmore-tokenize [--allow-special] [--attached] TOKENIZER_JSON [INPUT]\n"
+				"Encodes each input line, a JSON string literal, and prints its ids and decoded text.\n"
+				"--attached encodes with a tokenizer attached to its serialized image.\n");
 		return 2;
 	}
 
@@ -146,6 +188,8 @@ main(int argc, char **argv)
 		return 2;
 	}
 	pg_free(json);
+	if (attached)
+		image = attach_image(&tok);
 	if (argc - argi == 2 && (in = fopen(argv[argi + 1], "rb")) == NULL)
 	{
 		fprintf(stderr, "flexmore-tokenize: could not open \"%s\": %m\n", argv[argi + 1]);
@@ -196,5 +240,6 @@ main(int argc, char **argv)
 	}
 	free(line);
 	fm_tokenizer_free(tok);
+	free(image);
 	return failures ? 1 : 0;
 }

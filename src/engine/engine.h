@@ -264,6 +264,76 @@ fm_status	fm_forward(fm_session *session, const int32_t *ids, int32_t n,
 					   float *logits, fm_interrupt_fn interrupt, void *arg,
 					   fm_error *err);
 
+/* ---------- scoring and batched forward passes (src/engine/model.c) ---------- */
+
+/*
+ * Bytes of a session holding n_seq independent sequences of up to
+ * context_len positions each: one KV cache per sequence, one set of
+ * FM_PROMPT_CHUNK-row activations shared by all.  SIZE_MAX on overflow.
+ */
+size_t		fm_session_multi_bytes(const fm_config *config, int32_t n_seq,
+								   int32_t context_len);
+
+/*
+ * Creates a session of n_seq sequences, each with its own KV cache of
+ * context_len positions (at most max_position_embeddings).  Only
+ * fm_forward_multi, the fm_session_seq_* calls, fm_session_reset and
+ * fm_session_set_experts accept it; fm_forward and fm_generate need a
+ * session from fm_session_create, which has one sequence.
+ */
+fm_status	fm_session_create_multi(const fm_model *model, const fm_allocator *a,
+									int32_t n_seq, int32_t context_len,
+									fm_session **out, fm_error *err);
+
+int32_t		fm_session_seq_count(const fm_session *session);
+
+/* Positions in the KV cache of sequence seq; -1 for a seq out of range. */
+int32_t		fm_session_seq_position(const fm_session *session, int32_t seq);
+
+/*
+ * Rolls sequence seq back to position (0 <= position <= its current
+ * position): later calls overwrite the cache from there, so a shared
+ * prefix is computed once and each continuation starts from it.
+ * fm_session_truncate is the same for sequence 0.  FM_EINVAL otherwise.
+ */
+fm_status	fm_session_seq_truncate(fm_session *session, int32_t seq, int32_t position,
+									fm_error *err);
+fm_status	fm_session_truncate(fm_session *session, int32_t position, fm_error *err);
+
+/*
+ * Appends n rows: ids[i] goes to sequence seqs[i] (seqs NULL: all to
+ * sequence 0) at that sequence's next position, so rows of one sequence
+ * must come in order.  Rows of all sequences share each matrix product,
+ * FM_PROMPT_CHUNK rows at a time; attention reads only the row's own
+ * sequence.  When hidden is not NULL it receives the hidden state of
+ * every row after the final norm, [n, hidden_size].  Ids, sequences and
+ * context room are checked before any row runs (FM_EINVAL, FM_ELIMIT).
+ * On FM_ECANCELED the chunks that completed stay in the caches.
+ */
+fm_status	fm_forward_multi(fm_session *session, const int32_t *ids, const int32_t *seqs,
+							 int32_t n, float *hidden, fm_interrupt_fn interrupt,
+							 void *arg, fm_error *err);
+
+/* fm_forward_multi for a one-sequence session. */
+fm_status	fm_forward_hidden(fm_session *session, const int32_t *ids, int32_t n,
+							  float *hidden, fm_interrupt_fn interrupt, void *arg,
+							  fm_error *err);
+
+/*
+ * Log-probabilities of next tokens.  For each of n final-normed hidden
+ * rows ([n, hidden_size], as fm_forward_multi returns them) computes the
+ * lm_head logits and their log-softmax over the ids with sampleable[id]
+ * true (NULL: every id), in double precision after fp32 logits.  Row i
+ * has k targets, targets[i * k .. i * k + k); out[i * k + j] receives the
+ * log-probability of targets[i * k + j]: NaN for a negative target,
+ * -inf for an id outside sampleable.  scratch holds FM_LOGPROB_ROWS *
+ * vocab_size floats.  FM_EINVAL for a target id >= vocab_size.
+ */
+#define FM_LOGPROB_ROWS 16
+fm_status	fm_token_logprobs(const fm_model *model, const bool *sampleable,
+							  const float *hidden, int32_t n, const int32_t *targets,
+							  int32_t k, double *out, float *scratch, fm_error *err);
+
 /* ---------- sampling and generation (src/engine/sampler.c) ---------- */
 
 typedef struct fm_sampler_params
@@ -378,7 +448,67 @@ int32_t		fm_tokenizer_id_limit(const fm_tokenizer *tok);
 /* True when the tokenizer knows id (vocabulary or added token). */
 bool		fm_tokenizer_has_id(const fm_tokenizer *tok, int32_t id);
 
+/*
+ * The tokenizer image: a position-independent copy of a finished
+ * tokenizer (flat arrays addressed by offsets, pattern texts included)
+ * that fm_tokenizer_attach uses in place, so one image in shared memory
+ * serves every process.  An image is only valid for the build that wrote
+ * it; a magic number, a format version and the header size are checked.
+ */
+
+/* Bytes of the image of tok. */
+size_t		fm_tokenizer_image_size(const fm_tokenizer *tok);
+
+/*
+ * Writes the image of a finished tokenizer to dst, which must be 8-byte
+ * aligned and at least fm_tokenizer_image_size bytes long.
+ */
+fm_status	fm_tokenizer_serialize(const fm_tokenizer *tok, void *dst, size_t len,
+								   fm_error *err);
+
+/*
+ * Creates a tokenizer that reads the image (len bytes, 8-byte aligned) in
+ * place and never writes it.  Only the small tokenizer struct, the PCRE2
+ * patterns compiled from the image's pattern texts and each call's scratch
+ * memory come from a.  The image must stay mapped and unchanged until
+ * fm_tokenizer_free.  FM_EINVAL for a bad magic number, version or layout.
+ */
+fm_status	fm_tokenizer_attach(const void *image, size_t len, const fm_allocator *a,
+								fm_tokenizer **out, fm_error *err);
+
 /* Length of the longest prefix of s[0..len) that is whole, valid UTF-8. */
 size_t		fm_utf8_complete_prefix(const char *s, size_t len);
+
+/* ---------- compute threads and BLAS (src/engine/threads.c, kernels.c) ---------- */
+
+#define FM_MAX_THREADS	64
+
+/*
+ * Sets how many threads (the caller's included) the kernels may use,
+ * from 1 to FM_MAX_THREADS; FM_EINVAL outside.  Threads are created on
+ * the first kernel call that can use them, with every signal blocked,
+ * and never call back into the caller.  Results are bitwise the same for
+ * every thread count.  Not thread-safe: call it from the thread that runs
+ * the engine.
+ */
+fm_status	fm_set_threads(int32_t n, fm_error *err);
+int32_t		fm_get_threads(void);
+
+/*
+ * The cblas_sgemm signature (enum arguments passed as int).  fm_matmul
+ * calls it for prompt chunks as (RowMajor 101, NoTrans 111, Trans 112).
+ */
+typedef void (*fm_sgemm_fn) (int order, int trans_a, int trans_b,
+							 int m, int n, int k, float alpha,
+							 const float *a, int lda, const float *b, int ldb,
+							 float beta, float *c, int ldc);
+
+/*
+ * Sets the sgemm that fm_matmul uses for several rows; NULL falls back to
+ * one fm_matvec per row.  The standalone build (tools and unit tests)
+ * starts with OpenBLAS's cblas_sgemm; the PostgreSQL module starts with
+ * none and sets it after loading OpenBLAS in a backend.
+ */
+void		fm_set_sgemm(fm_sgemm_fn fn);
 
 #endif							/* FLEXMORE_ENGINE_H */

@@ -9,27 +9,95 @@
  * result independent of the BLAS build.  Prompt chunks reuse each weight
  * row across many tokens, which is where sgemm pays.
  *
+ * sgemm is called through a pointer (fm_set_sgemm).  The PostgreSQL
+ * module does not link OpenBLAS, because Debian's pthread build of
+ * OpenBLAS starts its threads when the library is loaded, and the module
+ * is loaded into the single-threaded postmaster.  The standalone build
+ * (FM_LINK_CBLAS, set by the Makefile for build/) links it directly.
+ *
+ * A large matvec splits its rows over the compute threads (threads.c);
+ * every row is still one sequential sum, so the split never changes y.
+ *
  *-------------------------------------------------------------------------
  */
 #include <math.h>
 #include <stddef.h>
 
+#include "engine/engine.h"
+#include "engine/kernels.h"
+
+#ifdef FM_LINK_CBLAS
 #include <cblas.h>
 
-#include "engine/kernels.h"
+/* Adapts OpenBLAS's cblas_sgemm, whose enum arguments are ints, to fm_sgemm_fn. */
+static void
+linked_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+			 const float *a, int lda, const float *b, int ldb, float beta,
+			 float *c, int ldc)
+{
+	cblas_sgemm((enum CBLAS_ORDER) order, (enum CBLAS_TRANSPOSE) trans_a,
+				(enum CBLAS_TRANSPOSE) trans_b, m, n, k, alpha, a, lda, b, ldb,
+				beta, c, ldc);
+}
+
+static fm_sgemm_fn sgemm = linked_sgemm;
+#else
+static fm_sgemm_fn sgemm = NULL;
+#endif
+
+/* cblas enum values, fixed by the CBLAS standard */
+#define FM_CBLAS_ROW_MAJOR	101
+#define FM_CBLAS_NO_TRANS	111
+#define FM_CBLAS_TRANS		112
+
+/*
+ * Rows per thread below which a matvec stays on one thread: waking a
+ * thread costs microseconds, about what 64 rows of 1024 floats take.
+ */
+#define FM_MATVEC_MIN_ROWS	64
+#define FM_MATVEC_MIN_WORK	((int64_t) 1 << 18)
+
+void
+fm_set_sgemm(fm_sgemm_fn fn)
+{
+	sgemm = fn;
+}
+
+typedef struct matvec_job
+{
+	float	   *y;
+	const float *w;
+	const float *x;
+	int32_t		in;
+} matvec_job;
+
+/* Computes rows [begin, end) of a matvec; the sum order never changes. */
+static void
+matvec_rows(void *arg, int32_t begin, int32_t end)
+{
+	const matvec_job *job = (const matvec_job *) arg;
+	int32_t		in = job->in;
+
+	for (int32_t o = begin; o < end; o++)
+	{
+		const float *row = job->w + (size_t) o * in;
+		float		sum = 0.0f;
+
+		for (int32_t i = 0; i < in; i++)
+			sum += row[i] * job->x[i];
+		job->y[o] = sum;
+	}
+}
 
 void
 fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t in)
 {
-	for (int32_t o = 0; o < out; o++)
-	{
-		const float *row = w + (size_t) o * in;
-		float		sum = 0.0f;
+	matvec_job	job = {y, w, x, in};
 
-		for (int32_t i = 0; i < in; i++)
-			sum += row[i] * x[i];
-		y[o] = sum;
-	}
+	if ((int64_t) out * in < FM_MATVEC_MIN_WORK)
+		matvec_rows(&job, 0, out);
+	else
+		fm_parallel_for(out, FM_MATVEC_MIN_ROWS, matvec_rows, &job);
 }
 
 void
@@ -43,8 +111,14 @@ fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 		fm_matvec(y, w, x, out, in);
 		return;
 	}
-	cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans,
-				rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
+	if (sgemm == NULL)
+	{
+		for (int32_t r = 0; r < rows; r++)
+			fm_matvec(y + (size_t) r * out, w, x + (size_t) r * in, out, in);
+		return;
+	}
+	sgemm(FM_CBLAS_ROW_MAJOR, FM_CBLAS_NO_TRANS, FM_CBLAS_TRANS,
+		  rows, out, in, 1.0f, x, in, w, in, 0.0f, y, out);
 }
 
 void

@@ -4,7 +4,8 @@
  *	  Numeric kernels of the forward pass, internal to the engine.
  *
  * Each kernel is a plain C reference except fm_matmul, which hands
- * batches of rows to OpenBLAS.  Matrices are row-major, [out, in].
+ * batches of rows to the sgemm set by fm_set_sgemm (OpenBLAS).  Matrices
+ * are row-major, [out, in].
  *
  *-------------------------------------------------------------------------
  */
@@ -14,12 +15,17 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* y[out] = W[out, in] x[in], accumulating in fp32. */
+/*
+ * y[out] = W[out, in] x[in], accumulating in fp32.  Large products split
+ * their rows over the compute threads; each row is summed in the same
+ * order whatever the thread count, so y is bitwise the same.
+ */
 void		fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t in);
 
 /*
  * Y[rows, out] = X[rows, in] W[out, in]^T.  One row goes through
- * fm_matvec (decode); more rows go through cblas_sgemm (prompt chunks).
+ * fm_matvec (decode); more rows go through the sgemm of fm_set_sgemm
+ * (prompt chunks), or through fm_matvec row by row when none is set.
  */
 void		fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 					  int32_t out, int32_t in);
@@ -52,5 +58,19 @@ float		fm_silu(float u);
 int32_t		fm_route(const float *logits, const bool *allowed, int32_t n_experts,
 					 int32_t k, bool norm_topk_prob, float *probs,
 					 int32_t *experts, float *weights);
+
+/* ---------- compute threads (threads.c) ---------- */
+
+/* Computes items [begin, end) of a loop split by fm_parallel_for. */
+typedef void (*fm_range_fn) (void *arg, int32_t begin, int32_t end);
+
+/*
+ * Runs fn over items [0, n) split into contiguous ranges, one per thread
+ * of the pool (fm_set_threads), with at least min_items items per range;
+ * the caller's thread runs the first range.  Returns when every range is
+ * done.  Ranges never overlap, so fn may write its items' outputs without
+ * locking.  Only the process's main thread may call it.
+ */
+void		fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg);
 
 #endif							/* FLEXMORE_KERNELS_H */

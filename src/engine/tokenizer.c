@@ -47,18 +47,20 @@
 static const char gpt2_pattern[] =
 "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-/* Bytes that one id decodes to, in the pool; known is false for unused ids. */
+/*
+ * Bytes that one id decodes to, in the pool.  len is 0 for an id the
+ * tokenizer does not know, because every known token has at least one byte.
+ */
 typedef struct fm_token_entry
 {
-	uint64_t	offset;
+	uint32_t	offset;
 	uint32_t	len;
-	bool		known;
 } fm_token_entry;
 
 /* Vocabulary hash slot mapping raw token bytes to an id (id -1: free). */
 typedef struct fm_vocab_slot
 {
-	uint64_t	offset;
+	uint32_t	offset;
 	uint32_t	len;
 	uint32_t	hash;
 	int32_t		id;
@@ -74,7 +76,7 @@ typedef struct fm_merge_slot
 
 typedef struct fm_special
 {
-	uint64_t	offset;
+	uint32_t	offset;
 	uint32_t	len;
 	int32_t		id;
 	bool		lstrip;
@@ -94,6 +96,9 @@ typedef struct fm_pretok_step
 	fm_split_behavior behavior;
 	bool		invert;
 	bool		add_prefix_space;	/* ByteLevel only */
+	bool		literal;		/* the pattern is a plain string */
+	uint32_t	pattern_offset; /* pattern text in the pool, for images */
+	uint32_t	pattern_len;
 } fm_pretok_step;
 
 struct fm_tokenizer
@@ -102,7 +107,14 @@ struct fm_tokenizer
 	pcre2_general_context *pcre_gc;
 	pcre2_compile_context *pcre_cc;
 
-	/* bytes of vocabulary entries and added tokens */
+	/*
+	 * The image an attached tokenizer reads in place (fm_tokenizer_attach).
+	 * Then pool, tokens, vocab, merges and specials point into it and are
+	 * never written or freed; NULL for a tokenizer built by the loader.
+	 */
+	const void *image;
+
+	/* bytes of vocabulary entries, added tokens and split patterns */
 	char	   *pool;
 	uint64_t	pool_len;
 	uint64_t	pool_cap;
@@ -388,6 +400,11 @@ fm_tokenizer_free(fm_tokenizer *tok)
 		pcre2_code_free(tok->steps[i].code);
 	pcre2_compile_context_free(tok->pcre_cc);
 	pcre2_general_context_free(tok->pcre_gc);
+	if (tok->image != NULL)
+	{
+		fm_free(&a, tok);
+		return;
+	}
 	if (tok->pool)
 		fm_free(&a, tok->pool);
 	if (tok->tokens)
@@ -427,20 +444,26 @@ fm_split_behavior_parse(const char *name, fm_split_behavior *out)
 	return false;
 }
 
-/* Appends bytes to the pool; *offset receives where they start. */
+/*
+ * Appends bytes to the pool; *offset receives where they start.  Offsets
+ * are 32-bit, so the pool contains at most UINT32_MAX bytes.
+ */
 static fm_status
-pool_append(fm_tokenizer *tok, const char *s, size_t len, uint64_t *offset,
+pool_append(fm_tokenizer *tok, const char *s, size_t len, uint32_t *offset,
 			fm_error *err)
 {
 	size_t		cap = tok->pool_cap;
 	fm_status	st;
 
+	if (len > UINT32_MAX - tok->pool_len)
+		return fm_set_error(err, FM_ELIMIT,
+							"the tokenizer's strings exceed %u bytes", UINT32_MAX);
 	st = tok_grow(tok, (void **) &tok->pool, &cap, tok->pool_len + len + 1, 1, err);
 	if (st != FM_OK)
 		return st;
 	tok->pool_cap = cap;
 	memcpy(tok->pool + tok->pool_len, s, len);
-	*offset = tok->pool_len;
+	*offset = (uint32_t) tok->pool_len;
 	tok->pool_len += len;
 	return FM_OK;
 }
@@ -510,9 +533,10 @@ vocab_reserve(fm_tokenizer *tok, fm_error *err)
 	if ((uint64_t) (tok->vocab_count + 1) * 2 <= size)
 		return FM_OK;
 	newsize = size ? size * 2 : 1024;
-	table = tok_alloc(tok, (size_t) newsize * sizeof(fm_vocab_slot), err);
+	table = fm_alloc_zero(&tok->alloc, (size_t) newsize * sizeof(fm_vocab_slot));
 	if (table == NULL)
-		return FM_ENOMEM;
+		return fm_set_error(err, FM_ENOMEM, "out of memory allocating %zu bytes for the tokenizer",
+							(size_t) newsize * sizeof(fm_vocab_slot));
 	for (uint32_t i = 0; i < newsize; i++)
 		table[i].id = -1;
 	for (uint32_t i = 0; i < size; i++)
@@ -532,7 +556,7 @@ fm_tokenizer_add_vocab(fm_tokenizer *tok, const char *token, size_t len,
 	char		stackbuf[256];
 	char	   *bytes = stackbuf;
 	int64_t		nbytes;
-	uint64_t	offset;
+	uint32_t	offset;
 	fm_status	st;
 
 	if (len == 0)
@@ -543,7 +567,7 @@ fm_tokenizer_add_vocab(fm_tokenizer *tok, const char *token, size_t len,
 	st = reserve_id(tok, id, err);
 	if (st != FM_OK)
 		return st;
-	if (tok->tokens[id].known)
+	if (tok->tokens[id].len > 0)
 		return fm_set_error(err, FM_EINVAL, "token id %d appears twice in the vocabulary", id);
 
 	if (len > sizeof(stackbuf))
@@ -565,7 +589,6 @@ fm_tokenizer_add_vocab(fm_tokenizer *tok, const char *token, size_t len,
 		{
 			tok->tokens[id].offset = offset;
 			tok->tokens[id].len = (uint32_t) len;
-			tok->tokens[id].known = true;
 		}
 	}
 	else if (vocab_lookup(tok, bytes, (size_t) nbytes) >= 0)
@@ -584,7 +607,6 @@ fm_tokenizer_add_vocab(fm_tokenizer *tok, const char *token, size_t len,
 		tok->vocab_count++;
 		tok->tokens[id].offset = offset;
 		tok->tokens[id].len = (uint32_t) nbytes;
-		tok->tokens[id].known = true;
 		if (nbytes == 1)
 			tok->byte_ids[(unsigned char) bytes[0]] = id;
 	}
@@ -635,9 +657,10 @@ merges_reserve(fm_tokenizer *tok, fm_error *err)
 	if ((uint64_t) (tok->merges_count + 1) * 2 <= size)
 		return FM_OK;
 	newsize = size ? size * 2 : 1024;
-	table = tok_alloc(tok, (size_t) newsize * sizeof(fm_merge_slot), err);
+	table = fm_alloc_zero(&tok->alloc, (size_t) newsize * sizeof(fm_merge_slot));
 	if (table == NULL)
-		return FM_ENOMEM;
+		return fm_set_error(err, FM_ENOMEM, "out of memory allocating %zu bytes for the tokenizer",
+							(size_t) newsize * sizeof(fm_merge_slot));
 	for (uint32_t i = 0; i < newsize; i++)
 		table[i].rank = -1;
 	for (uint32_t i = 0; i < size; i++)
@@ -712,7 +735,7 @@ fm_tokenizer_add_special(fm_tokenizer *tok, const char *content, size_t len,
 {
 	size_t		cap = (size_t) tok->specials_cap;
 	fm_special *sp;
-	uint64_t	offset;
+	uint32_t	offset;
 	fm_status	st;
 
 	if (len == 0 || len > UINT32_MAX)
@@ -740,7 +763,6 @@ fm_tokenizer_add_special(fm_tokenizer *tok, const char *content, size_t len,
 	/* An added token decodes to its content even when the vocabulary has it. */
 	tok->tokens[id].offset = offset;
 	tok->tokens[id].len = (uint32_t) len;
-	tok->tokens[id].known = true;
 	return FM_OK;
 }
 
@@ -805,6 +827,11 @@ fm_tokenizer_add_split(fm_tokenizer *tok, const char *pattern, size_t len,
 	step.kind = FM_PRETOK_SPLIT;
 	step.behavior = behavior;
 	step.invert = invert;
+	step.literal = literal;
+	st = pool_append(tok, pattern, len, &step.pattern_offset, err);
+	if (st != FM_OK)
+		return st;
+	step.pattern_len = (uint32_t) len;
 	st = compile_pattern(tok, pattern, len, literal ? PCRE2_LITERAL : 0, &step.code, err);
 	if (st != FM_OK)
 		return st;
@@ -824,6 +851,10 @@ fm_tokenizer_add_byte_level(fm_tokenizer *tok, bool add_prefix_space, bool use_r
 	step.add_prefix_space = add_prefix_space;
 	if (use_regex)
 	{
+		st = pool_append(tok, gpt2_pattern, strlen(gpt2_pattern), &step.pattern_offset, err);
+		if (st != FM_OK)
+			return st;
+		step.pattern_len = (uint32_t) strlen(gpt2_pattern);
 		st = compile_pattern(tok, gpt2_pattern, strlen(gpt2_pattern), 0, &step.code, err);
 		if (st != FM_OK)
 			return st;
@@ -885,6 +916,314 @@ fm_tokenizer_finish(fm_tokenizer *tok, fm_error *err)
 		tok->special_first[b] = i;
 	}
 	tok->finished = true;
+	return FM_OK;
+}
+
+/* ---------- the position-independent image ---------- */
+
+/*
+ * A finished tokenizer's data already consists of flat arrays that refer
+ * to each other by index or pool offset, never by pointer.  The image is
+ * those arrays behind a header, so a tokenizer can use an image in place
+ * (in shared memory, say) and only compile its PCRE2 patterns, whose
+ * compiled and JIT forms are per process.  The layout depends on this
+ * build's structs, so an image is for the build that wrote it, which the
+ * magic number, version and header size check.
+ */
+#define FM_TOKENIZER_IMAGE_MAGIC	0x4b4f5446u	/* "FTOK" read as little-endian */
+#define FM_TOKENIZER_IMAGE_VERSION	1
+#define FM_IMAGE_ALIGN				8
+
+typedef struct fm_image_step
+{
+	uint32_t	kind;			/* fm_pretok_kind */
+	uint32_t	behavior;		/* fm_split_behavior */
+	uint32_t	pattern_offset; /* in the pool */
+	uint32_t	pattern_len;
+	uint8_t		has_pattern;
+	uint8_t		literal;
+	uint8_t		invert;
+	uint8_t		add_prefix_space;
+} fm_image_step;
+
+/* One array of the image: where it starts, from the image start, and its size. */
+typedef struct fm_image_section
+{
+	uint64_t	offset;
+	uint64_t	bytes;
+} fm_image_section;
+
+typedef struct fm_image_header
+{
+	uint32_t	magic;
+	uint32_t	version;
+	uint64_t	bytes;			/* whole image, header included */
+	uint32_t	header_bytes;	/* sizeof(fm_image_header) of the writer */
+	int32_t		id_limit;
+	int32_t		vocab_count;
+	uint32_t	vocab_mask;
+	int32_t		merges_count;
+	uint32_t	merges_mask;
+	int32_t		next_rank;
+	int32_t		n_specials;
+	int32_t		n_steps;
+	uint32_t	ignore_merges;
+	int32_t		byte_ids[256];
+	int32_t		special_first[257];
+	fm_image_step steps[FM_MAX_PRETOK_STEPS];
+	fm_image_section pool;
+	fm_image_section tokens;
+	fm_image_section vocab;
+	fm_image_section merges;
+	fm_image_section specials;
+} fm_image_header;
+
+static size_t
+image_align(size_t n)
+{
+	return (n + FM_IMAGE_ALIGN - 1) & ~(size_t) (FM_IMAGE_ALIGN - 1);
+}
+
+/* Places a section of bytes at *end and moves *end past it. */
+static void
+image_place(fm_image_section *section, size_t bytes, size_t *end)
+{
+	section->offset = *end;
+	section->bytes = bytes;
+	*end = image_align(*end + bytes);
+}
+
+/* Fills header's sections and returns the image size. */
+static size_t
+image_layout(const fm_tokenizer *tok, fm_image_header *header)
+{
+	size_t		end = image_align(sizeof(fm_image_header));
+
+	image_place(&header->pool, tok->pool_len, &end);
+	image_place(&header->tokens, (size_t) tok->id_limit * sizeof(fm_token_entry), &end);
+	image_place(&header->vocab, tok->vocab == NULL ? 0 :
+				((size_t) tok->vocab_mask + 1) * sizeof(fm_vocab_slot), &end);
+	image_place(&header->merges, tok->merges == NULL ? 0 :
+				((size_t) tok->merges_mask + 1) * sizeof(fm_merge_slot), &end);
+	image_place(&header->specials, (size_t) tok->n_specials * sizeof(fm_special), &end);
+	return end;
+}
+
+size_t
+fm_tokenizer_image_size(const fm_tokenizer *tok)
+{
+	fm_image_header header;
+
+	return image_layout(tok, &header);
+}
+
+fm_status
+fm_tokenizer_serialize(const fm_tokenizer *tok, void *dst, size_t len, fm_error *err)
+{
+	fm_image_header *header = dst;
+	char	   *base = dst;
+	size_t		bytes;
+
+	if (!tok->finished)
+		return fm_set_error(err, FM_EINTERNAL, "tokenizer serialized before fm_tokenizer_finish");
+	if ((uintptr_t) dst % FM_IMAGE_ALIGN != 0)
+		return fm_set_error(err, FM_EINVAL, "tokenizer image buffer is not %d-byte aligned",
+							FM_IMAGE_ALIGN);
+	memset(header, 0, sizeof(fm_image_header));
+	bytes = image_layout(tok, header);
+	if (len < bytes)
+		return fm_set_error(err, FM_EINVAL,
+							"tokenizer image needs %zu bytes, but the buffer has %zu", bytes, len);
+	memset(base + sizeof(fm_image_header), 0, bytes - sizeof(fm_image_header));
+
+	header->bytes = bytes;
+	header->header_bytes = sizeof(fm_image_header);
+	header->id_limit = tok->id_limit;
+	header->vocab_count = tok->vocab_count;
+	header->vocab_mask = tok->vocab_mask;
+	header->merges_count = tok->merges_count;
+	header->merges_mask = tok->merges_mask;
+	header->next_rank = tok->next_rank;
+	header->n_specials = tok->n_specials;
+	header->n_steps = tok->n_steps;
+	header->ignore_merges = tok->ignore_merges;
+	memcpy(header->byte_ids, tok->byte_ids, sizeof(header->byte_ids));
+	memcpy(header->special_first, tok->special_first, sizeof(header->special_first));
+	for (int32_t i = 0; i < tok->n_steps; i++)
+	{
+		const fm_pretok_step *step = &tok->steps[i];
+		fm_image_step *out = &header->steps[i];
+
+		out->kind = step->kind;
+		out->behavior = step->behavior;
+		out->pattern_offset = step->pattern_offset;
+		out->pattern_len = step->pattern_len;
+		out->has_pattern = step->code != NULL;
+		out->literal = step->literal;
+		out->invert = step->invert;
+		out->add_prefix_space = step->add_prefix_space;
+	}
+
+	memcpy(base + header->pool.offset, tok->pool, header->pool.bytes);
+	memcpy(base + header->tokens.offset, tok->tokens, header->tokens.bytes);
+	if (header->vocab.bytes > 0)
+		memcpy(base + header->vocab.offset, tok->vocab, header->vocab.bytes);
+	if (header->merges.bytes > 0)
+		memcpy(base + header->merges.offset, tok->merges, header->merges.bytes);
+	if (header->specials.bytes > 0)
+		memcpy(base + header->specials.offset, tok->specials, header->specials.bytes);
+
+	/* written last, so a half-written image has no valid magic number */
+	header->version = FM_TOKENIZER_IMAGE_VERSION;
+	header->magic = FM_TOKENIZER_IMAGE_MAGIC;
+	return FM_OK;
+}
+
+/* True when a section lies inside an image of bytes, after the header, aligned. */
+static bool
+image_section_valid(const fm_image_section *section, uint64_t bytes)
+{
+	return section->offset >= sizeof(fm_image_header) &&
+		section->offset % FM_IMAGE_ALIGN == 0 &&
+		section->offset <= bytes && section->bytes <= bytes - section->offset;
+}
+
+/* True when a hash table of mask + 1 slots of slot_bytes fills section. */
+static bool
+image_table_valid(const fm_image_section *section, uint32_t mask, int32_t count,
+				  size_t slot_bytes)
+{
+	if (section->bytes == 0)
+		return mask == 0 && count == 0;
+	return ((uint64_t) mask & ((uint64_t) mask + 1)) == 0 &&
+		section->bytes == ((uint64_t) mask + 1) * slot_bytes &&
+		count >= 0 && (uint64_t) count <= mask;
+}
+
+/*
+ * Checks an image's header: magic, version, sizes, and that every array
+ * lies inside the image and agrees with its count.  The arrays' contents
+ * are trusted, because only fm_tokenizer_serialize writes images.
+ */
+static fm_status
+image_check(const fm_image_header *h, size_t len, fm_error *err)
+{
+	if (len < sizeof(fm_image_header))
+		return fm_set_error(err, FM_EINVAL, "tokenizer image of %zu bytes is shorter than its header",
+							len);
+	if (h->magic != FM_TOKENIZER_IMAGE_MAGIC)
+		return fm_set_error(err, FM_EINVAL, "tokenizer image has magic number 0x%08x, expected 0x%08x",
+							h->magic, FM_TOKENIZER_IMAGE_MAGIC);
+	if (h->version != FM_TOKENIZER_IMAGE_VERSION || h->header_bytes != sizeof(fm_image_header))
+		return fm_set_error(err, FM_EINVAL,
+							"tokenizer image has version %u with a %u-byte header, expected version %d with %zu bytes",
+							h->version, h->header_bytes, FM_TOKENIZER_IMAGE_VERSION,
+							sizeof(fm_image_header));
+	if (h->bytes > len)
+		return fm_set_error(err, FM_EINVAL, "tokenizer image claims %llu bytes, but only %zu are given",
+							(unsigned long long) h->bytes, len);
+	if (!image_section_valid(&h->pool, h->bytes) || !image_section_valid(&h->tokens, h->bytes) ||
+		!image_section_valid(&h->vocab, h->bytes) || !image_section_valid(&h->merges, h->bytes) ||
+		!image_section_valid(&h->specials, h->bytes))
+		return fm_set_error(err, FM_EINVAL, "tokenizer image has an array outside its %llu bytes",
+							(unsigned long long) h->bytes);
+	if (h->id_limit < 0 || h->id_limit > FM_TOKEN_ID_MAX + 1 ||
+		h->tokens.bytes != (uint64_t) h->id_limit * sizeof(fm_token_entry) ||
+		h->n_specials < 0 || h->specials.bytes != (uint64_t) h->n_specials * sizeof(fm_special) ||
+		h->pool.bytes > UINT32_MAX ||
+		!image_table_valid(&h->vocab, h->vocab_mask, h->vocab_count, sizeof(fm_vocab_slot)) ||
+		!image_table_valid(&h->merges, h->merges_mask, h->merges_count, sizeof(fm_merge_slot)) ||
+		h->vocab.bytes == 0 || h->n_steps < 1 || h->n_steps > FM_MAX_PRETOK_STEPS)
+		return fm_set_error(err, FM_EINVAL, "tokenizer image has inconsistent array sizes");
+	for (int b = 0; b < 256; b++)
+		if (h->byte_ids[b] < 0 || h->byte_ids[b] >= h->id_limit)
+			return fm_set_error(err, FM_EINVAL, "tokenizer image has no valid id for byte 0x%02x", b);
+	for (int b = 0; b <= 256; b++)
+		if (h->special_first[b] < 0 || h->special_first[b] > h->n_specials ||
+			(b > 0 && h->special_first[b] < h->special_first[b - 1]))
+			return fm_set_error(err, FM_EINVAL, "tokenizer image has an invalid added-token index");
+	for (int32_t i = 0; i < h->n_steps; i++)
+	{
+		const fm_image_step *step = &h->steps[i];
+
+		if (step->kind > FM_PRETOK_BYTE_LEVEL || step->behavior > FM_SPLIT_CONTIGUOUS ||
+			(uint64_t) step->pattern_offset + step->pattern_len > h->pool.bytes ||
+			(step->kind == FM_PRETOK_SPLIT && !step->has_pattern) ||
+			(step->kind == FM_PRETOK_BYTE_LEVEL) != (i == h->n_steps - 1))
+			return fm_set_error(err, FM_EINVAL, "tokenizer image has an invalid pre-tokenizer step %d",
+								i);
+	}
+	return FM_OK;
+}
+
+fm_status
+fm_tokenizer_attach(const void *image, size_t len, const fm_allocator *a,
+					fm_tokenizer **out, fm_error *err)
+{
+	const fm_image_header *h = image;
+	const char *base = image;
+	fm_tokenizer *tok;
+	fm_status	st;
+
+	*out = NULL;
+	if ((uintptr_t) image % FM_IMAGE_ALIGN != 0)
+		return fm_set_error(err, FM_EINVAL, "tokenizer image is not %d-byte aligned",
+							FM_IMAGE_ALIGN);
+	st = image_check(h, len, err);
+	if (st != FM_OK)
+		return st;
+	st = fm_tokenizer_create(a, &tok, err);
+	if (st != FM_OK)
+		return st;
+
+	tok->image = image;
+	tok->pool = (char *) (base + h->pool.offset);
+	tok->pool_len = h->pool.bytes;
+	tok->pool_cap = h->pool.bytes;
+	tok->tokens = (fm_token_entry *) (base + h->tokens.offset);
+	tok->tokens_cap = h->id_limit;
+	tok->id_limit = h->id_limit;
+	tok->vocab = (fm_vocab_slot *) (base + h->vocab.offset);
+	tok->vocab_mask = h->vocab_mask;
+	tok->vocab_count = h->vocab_count;
+	tok->merges = h->merges.bytes > 0 ? (fm_merge_slot *) (base + h->merges.offset) : NULL;
+	tok->merges_mask = h->merges_mask;
+	tok->merges_count = h->merges_count;
+	tok->next_rank = h->next_rank;
+	tok->specials = h->specials.bytes > 0 ? (fm_special *) (base + h->specials.offset) : NULL;
+	tok->n_specials = h->n_specials;
+	tok->specials_cap = h->n_specials;
+	memcpy(tok->byte_ids, h->byte_ids, sizeof(tok->byte_ids));
+	memcpy(tok->special_first, h->special_first, sizeof(tok->special_first));
+	tok->ignore_merges = h->ignore_merges != 0;
+
+	for (int32_t i = 0; i < h->n_steps; i++)
+	{
+		const fm_image_step *in = &h->steps[i];
+		fm_pretok_step *step = &tok->steps[i];
+
+		step->kind = (fm_pretok_kind) in->kind;
+		step->behavior = (fm_split_behavior) in->behavior;
+		step->invert = in->invert != 0;
+		step->add_prefix_space = in->add_prefix_space != 0;
+		step->literal = in->literal != 0;
+		step->pattern_offset = in->pattern_offset;
+		step->pattern_len = in->pattern_len;
+		step->code = NULL;
+		if (in->has_pattern)
+		{
+			st = compile_pattern(tok, tok->pool + in->pattern_offset, in->pattern_len,
+								 step->literal ? PCRE2_LITERAL : 0, &step->code, err);
+			if (st != FM_OK)
+			{
+				fm_tokenizer_free(tok);
+				return st;
+			}
+		}
+		tok->n_steps = i + 1;
+	}
+	tok->finished = true;
+	*out = tok;
 	return FM_OK;
 }
 
@@ -1597,5 +1936,5 @@ fm_tokenizer_id_limit(const fm_tokenizer *tok)
 bool
 fm_tokenizer_has_id(const fm_tokenizer *tok, int32_t id)
 {
-	return id >= 0 && id < tok->id_limit && tok->tokens[id].known;
+	return id >= 0 && id < tok->id_limit && tok->tokens[id].len > 0;
 }

@@ -6,6 +6,7 @@
  *
  * The test builds small tokenizer.json files in memory: the 256 byte-level
  * characters plus a few merges, and pre-tokenizers in several forms.  The
+ * same cases also run on tokenizers attached to a serialized image.  The
  * expected ids come from the Hugging Face tokenizers library (npm package
  * tokenizers 0.23.2, encode with addSpecialTokens false) run on the same
  * files.  "test_tokenizer --dump-json DIR" writes the files out, so the
@@ -569,6 +570,175 @@ test_streaming_pieces(void)
 	fm_tokenizer_free(tok);
 }
 
+/*
+ * Serializes tok into a new 64-byte aligned buffer; NULL (after a failed
+ * check) on error.  *len receives the image size.
+ */
+static void *
+serialize_copy(const fm_tokenizer *tok, size_t *len)
+{
+	size_t		size = fm_tokenizer_image_size(tok);
+	void	   *image = aligned_alloc(64, (size + 63) / 64 * 64);
+	fm_error	err;
+	fm_status	st;
+
+	st = fm_tokenizer_serialize(tok, image, size, &err);
+	CHECK(st == FM_OK);
+	if (st != FM_OK)
+	{
+		printf("  serializing failed: %s\n", err.message);
+		free(image);
+		return NULL;
+	}
+	*len = size;
+	return image;
+}
+
+/*
+ * Loads f, serializes it, moves the image to a second buffer (so no
+ * address inside the first one can be used), frees the loaded tokenizer
+ * and attaches to the copy.  *image receives the buffer to free after
+ * fm_tokenizer_free.
+ */
+static fm_tokenizer *
+attach_ok(const tok_file *f, void **image)
+{
+	fm_tokenizer *loaded;
+	fm_tokenizer *tok = NULL;
+	void	   *first;
+	size_t		len = 0;
+	fm_error	err;
+	fm_status	st;
+
+	*image = NULL;
+	if ((loaded = load_ok(f)) == NULL)
+		return NULL;
+	first = serialize_copy(loaded, &len);
+	fm_tokenizer_free(loaded);
+	if (first == NULL)
+		return NULL;
+	*image = aligned_alloc(64, (len + 63) / 64 * 64);
+	memcpy(*image, first, len);
+	memset(first, 0xAB, len);
+	free(first);
+
+	st = fm_tokenizer_attach(*image, len, &fm_malloc_allocator, &tok, &err);
+	CHECK(st == FM_OK);
+	if (st != FM_OK)
+	{
+		printf("  attaching the %s image failed: %s\n", f->name, err.message);
+		free(*image);
+		*image = NULL;
+		return NULL;
+	}
+	return tok;
+}
+
+/* An attached tokenizer encodes and decodes as the one loaded from JSON. */
+static void
+test_image_round_trip(void)
+{
+	tok_file	f = base_file;
+	fm_tokenizer *tok;
+	void	   *image;
+
+	if ((tok = attach_ok(&base_file, &image)) != NULL)
+	{
+		for (size_t i = 0; i < sizeof(base_cases) / sizeof(base_cases[0]); i++)
+			check_encode(tok, "attached base", base_cases[i].text,
+						 base_cases[i].allow_special, base_cases[i].expected);
+		CHECK(fm_tokenizer_id_limit(tok) == SPECIAL_ID + 1);
+		CHECK(fm_tokenizer_has_id(tok, SPECIAL_ID));
+		fm_tokenizer_free(tok);
+		free(image);
+	}
+
+	f.name = "attached bytelevel";
+	f.pre_tokenizer = BYTE_LEVEL_REGEX;
+	if ((tok = attach_ok(&f, &image)) != NULL)
+	{
+		check_encode_prefix(tok, f.name, "hello  world\n\nhello", false,
+							"268 32 263 270 10 10 260", " ");
+		fm_tokenizer_free(tok);
+		free(image);
+	}
+
+	for (int i = 0; i < N_SPLIT_CASES; i++)
+	{
+		char	   *got;
+
+		f = base_file;
+		f.pre_tokenizer = split_cases[i].pre_tokenizer;
+		if ((tok = attach_ok(&f, &image)) == NULL)
+			continue;
+		got = encode_string(tok, "a  b c ", false);
+		CHECK(strcmp(got, split_cases[i].expected) == 0);
+		if (strcmp(got, split_cases[i].expected) != 0)
+			printf("  attached split case %d: expected %s, got %s\n", i,
+				   split_cases[i].expected, got);
+		free(got);
+		fm_tokenizer_free(tok);
+		free(image);
+	}
+}
+
+/* Attaches to a damaged copy of image and checks the error names what. */
+static void
+check_attach_error(const void *image, size_t len, size_t at, uint32_t value,
+				   size_t attach_len, const char *what)
+{
+	char	   *copy = aligned_alloc(64, (len + 63) / 64 * 64);
+	fm_tokenizer *tok = NULL;
+	fm_error	err;
+
+	memcpy(copy, image, len);
+	memcpy(copy + at, &value, sizeof(value));
+	CHECK(fm_tokenizer_attach(copy, attach_len, &fm_malloc_allocator, &tok, &err) == FM_EINVAL);
+	CHECK(tok == NULL);
+	CHECK(strstr(err.message, what) != NULL);
+	if (strstr(err.message, what) == NULL)
+		printf("  expected an error naming \"%s\", got \"%s\"\n", what, err.message);
+	free(copy);
+}
+
+/* A damaged, truncated or misaligned image is rejected. */
+static void
+test_image_rejects(void)
+{
+	fm_tokenizer *tok;
+	fm_tokenizer *attached = NULL;
+	void	   *image;
+	char	   *shifted;
+	size_t		len = 0;
+	fm_error	err;
+
+	if ((tok = load_ok(&base_file)) == NULL)
+		return;
+	if ((image = serialize_copy(tok, &len)) == NULL)
+	{
+		fm_tokenizer_free(tok);
+		return;
+	}
+
+	/* The header starts with the magic number, then the format version. */
+	check_attach_error(image, len, 0, 0x12345678u, len, "magic number");
+	check_attach_error(image, len, 4, 99, len, "version");
+	check_attach_error(image, len, 0, 0x4b4f5446u, len - 8, "bytes");
+	check_attach_error(image, len, 0, 0x4b4f5446u, 16, "shorter than its header");
+
+	shifted = aligned_alloc(64, (len + 64 + 63) / 64 * 64);
+	memcpy(shifted + 4, image, len);
+	CHECK(fm_tokenizer_attach(shifted + 4, len, &fm_malloc_allocator, &attached, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "aligned") != NULL);
+	free(shifted);
+
+	CHECK(fm_tokenizer_serialize(tok, image, len - 1, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "needs") != NULL);
+
+	free(image);
+	fm_tokenizer_free(tok);
+}
+
 static int
 write_file(const char *dir, const char *name, const tok_file *file)
 {
@@ -675,5 +845,7 @@ main(int argc, char **argv)
 	test_encode_limits();
 	test_utf8_complete_prefix();
 	test_streaming_pieces();
+	test_image_round_trip();
+	test_image_rejects();
 	return TEST_SUMMARY();
 }

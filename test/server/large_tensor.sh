@@ -40,6 +40,7 @@ check "stored in 64 MB chunks" "$(((bf16_bytes + chunk_bytes - 1) / chunk_bytes)
 # One session: the first call loads the weights, and the model's memory
 # context then contains the fp32 embedding.
 out=$(psql -X -q -t -A -v ON_ERROR_STOP=1 -d $db 2>&1 <<'SQL'
+SET client_min_messages = warning;
 SELECT array_length(flexmore_logits('large', ARRAY[1, 2, 3]), 1);
 SELECT sum(total_bytes) FROM pg_backend_memory_contexts WHERE name = 'flexmore model' AND ident = 'large';
 SQL

@@ -1,18 +1,24 @@
 #!/bin/bash
 # Inference on a hot standby: a primary of its own streams to a standby
-# made with pg_basebackup -R.  On the standby, flexmore_logits,
+# made with pg_basebackup -R.  The standby has flexmore in
+# shared_preload_libraries and the primary does not, so the standby
+# computes through the shared cache (weights and tokenizer) and the
+# primary through private copies.  On the standby, flexmore_logits,
 # flexmore_generate and flexmore_tokenize return what the primary returns,
-# and the functions that write raise SQLSTATE 25006.  On the primary,
-# generation also works with default_transaction_read_only on.  Needs
-# the flex_olmo_f32 and sharded_gqa_bf16 checkpoints; must run as root,
-# since the servers run as the postgres user.
+# the flexmore_cache view counts hits, and the functions that write raise
+# SQLSTATE 25006.  On the primary, generation also works with
+# default_transaction_read_only on.  Needs the flex_olmo_f32 and
+# sharded_gqa_bf16 checkpoints; must run as root, since the servers run
+# as the postgres user.  FLEXMORE_STANDBY_PORT and FLEXMORE_STANDBY_DIR
+# set the primary's port (default 55487; the standby uses the next one)
+# and the directory (default /tmp/flexmore-standby).
 set -u
 . "$(dirname "$0")/common.sh"
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 
-base=/tmp/flexmore-standby
-primary_port=55487
-standby_port=55488
+base=${FLEXMORE_STANDBY_DIR:-/tmp/flexmore-standby}
+primary_port=${FLEXMORE_STANDBY_PORT:-55487}
+standby_port=$((primary_port + 1))
 primary=(-h "$base/primary" -p $primary_port -U postgres -d postgres)
 standby=(-h "$base/standby" -p $standby_port -U postgres -d postgres)
 
@@ -85,7 +91,8 @@ as_postgres "$PG_BIN/pg_basebackup -D '$base/standby/data' -R -X stream -c fast 
 	-h '$base/primary' -p $primary_port -U postgres" >"$base/standby/basebackup.log" 2>&1 ||
 	{ cat "$base/standby/basebackup.log"; exit 1; }
 as_postgres "$PG_BIN/pg_ctl -D '$base/standby/data' -w -l '$base/standby/server.log' \
-	-o \"-p $standby_port -k '$base/standby' -c listen_addresses='' -c hot_standby=on\" start" \
+	-o \"-p $standby_port -k '$base/standby' -c listen_addresses='' -c hot_standby=on \
+	-c shared_preload_libraries=flexmore -c flexmore.cache_size=256MB\" start" \
 	>/dev/null || { cat "$base/standby/server.log"; exit 1; }
 check "standby in recovery" "t" "$(on standby "SELECT pg_is_in_recovery()")"
 
@@ -118,6 +125,32 @@ for model in before after; do
 	check "$model: standby round trip" "$danish" \
 		"$(on standby "SELECT flexmore_detokenize('$model', flexmore_tokenize('$model', '$danish'))")"
 done
+
+# The standby served those calls from its shared cache.  Hits and
+# last-used times live in shared memory, so counting them writes nothing.
+check "standby cache holds both models' tokenizers" "after before" \
+	"$(on standby "SELECT string_agg(model, ' ' ORDER BY model) FROM flexmore_cache WHERE kind = 'tokenizer' AND state = 'ready'")"
+check "standby cache holds both models' shared parts" "after before" \
+	"$(on standby "SELECT string_agg(model, ' ' ORDER BY model) FROM flexmore_cache WHERE kind = 'weights' AND expert IS NULL AND state = 'ready'")"
+check "primary has no shared cache" "0" "$(on primary "SELECT count(*) FROM flexmore_cache")"
+hits_sql="SELECT kind || ':' || hits FROM flexmore_cache WHERE model = 'before' AND expert IS NULL ORDER BY kind"
+hits_before=$(on standby "$hits_sql")
+used_before=$(on standby "SELECT max(last_used) FROM flexmore_cache WHERE model = 'before'")
+for _ in 1 2 3; do
+	check_same "before: greedy generation in a new connection matches" \
+		"SELECT flexmore_generate('before', 'hello world', 8)"
+done
+hits_after=$(on standby "$hits_sql")
+# each new connection pins the tokenizer and the shared part once
+check "standby hits grow by 3 per item" \
+	"$(awk -F: '{printf "%s:%d\n", $1, $2 + 3}' <<<"$hits_before")" "$hits_after"
+check "standby last_used advances" "t" \
+	"$(on standby "SELECT max(last_used) > '$used_before' FROM flexmore_cache WHERE model = 'before'")"
+check "cache load on the standby" "t" "$(on standby "SELECT flexmore_cache_load('after') > 0")"
+check "cache evict on the standby" "t" "$(on standby "SELECT flexmore_cache_evict('after') > 0")"
+check_same "after: generation after an evict on the standby matches" \
+	"SELECT flexmore_generate('after', 'hello world', 16)"
+check "standby still in recovery" "t" "$(on standby "SELECT pg_is_in_recovery()")"
 
 # The standby runs no writes.
 check "import on the standby" "25006" \

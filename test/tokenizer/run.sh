@@ -11,7 +11,10 @@
 # Needs: make and a C compiler with the flexmore build dependencies,
 # nodejs and npm (the npm registry is used once, for npm ci), and gettext
 # for msgunfmt, which the script installs with apt-get when it is missing.
-# Prints "N passed, N failed" and exits non-zero on any failure.
+# Each file is also encoded through a tokenizer attached to its
+# serialized image (flexmore-tokenize --attached), which must print the
+# same output.  Prints "N passed, N failed" and exits non-zero on any
+# failure.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -55,6 +58,24 @@ for name in cl100k llama3; do
 	# a line that fails to encode is printed as an error and counted by compare.js
 	"$tool" "$work/$name.json" "$work/input.jsonl" >"$work/$name.default" || true
 	"$tool" --allow-special "$work/$name.json" "$work/input.jsonl" >"$work/$name.special" || true
+	# the same through a tokenizer attached to its serialized image
+	"$tool" --attached "$work/$name.json" "$work/input.jsonl" >"$work/$name.attached-default" || true
+	"$tool" --attached --allow-special "$work/$name.json" "$work/input.jsonl" \
+		>"$work/$name.attached-special" || true
 done
 
-node "$here/compare.js" "$work" cl100k llama3
+# The attached form must print exactly what the JSON-loaded form prints.
+status=0
+for name in cl100k llama3; do
+	for mode in default special; do
+		if cmp -s "$work/$name.$mode" "$work/$name.attached-$mode"; then
+			echo "ok: $name $mode: attached image gives the same output"
+		else
+			echo "FAILED: $name $mode: attached image output differs from $work/$name.$mode"
+			status=1
+		fi
+	done
+done
+
+node "$here/compare.js" "$work" cl100k llama3 || status=$?
+exit $status

@@ -1,0 +1,201 @@
+/*-------------------------------------------------------------------------
+ *
+ * threads.c
+ *	  A small pool of compute threads for the engine's kernels.
+ *
+ * The pool splits one loop (fm_parallel_for) into contiguous ranges, one
+ * per thread; the calling thread runs the first range itself and waits
+ * for the others.  Threads are created lazily, on the first loop that has
+ * enough work while more than one thread is configured, so a process that
+ * never computes (the PostgreSQL postmaster that loads flexmore.so) never
+ * starts one.  Each thread starts with every signal blocked, so signals
+ * keep going to the process's main thread, and it only runs the kernel it
+ * is handed: it never calls back into the caller's code.
+ *
+ * Shared state: every field of fm_pool is read and written under
+ * fm_pool.mutex, except the job description, which the main thread writes
+ * under the mutex before bumping job_number and workers read after seeing
+ * the new number under the same mutex.  Only one thread (the process's
+ * main thread) may call fm_parallel_for or fm_set_threads.
+ *
+ * A range is computed exactly as the single-threaded loop computes it, so
+ * results do not depend on the thread count.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+
+#include "engine/engine.h"
+#include "engine/kernels.h"
+
+typedef struct fm_pool
+{
+	pthread_mutex_t mutex;
+	pthread_cond_t work;		/* signalled when job_number changes */
+	pthread_cond_t done;		/* signalled when pending reaches 0 */
+	int32_t		wanted;			/* threads the caller asked for, main included */
+	int32_t		started;		/* worker threads running, main excluded */
+	pthread_t	workers[FM_MAX_THREADS];
+	uint64_t	first_job[FM_MAX_THREADS];	/* job_number when each was created */
+	uint64_t	job_number;
+	int32_t		pending;		/* workers that have not finished the job */
+
+	/* the current job */
+	fm_range_fn fn;
+	void	   *arg;
+	int32_t		n;
+	int32_t		parts;
+} fm_pool;
+
+static fm_pool pool = {
+	.mutex = PTHREAD_MUTEX_INITIALIZER,
+	.work = PTHREAD_COND_INITIALIZER,
+	.done = PTHREAD_COND_INITIALIZER,
+	.wanted = 1,
+};
+
+/* Range [begin, end) of part p when n items are split into parts. */
+static void
+part_range(int32_t n, int32_t parts, int32_t p, int32_t *begin, int32_t *end)
+{
+	*begin = (int32_t) ((int64_t) n * p / parts);
+	*end = (int32_t) ((int64_t) n * (p + 1) / parts);
+}
+
+static void *
+worker_main(void *arg)
+{
+	int32_t		index = (int32_t) (intptr_t) arg;	/* 1-based part number */
+	uint64_t	seen;
+
+	/*
+	 * NB: the job number is the one at creation, not the current one: the
+	 * creator may post a job before this thread first takes the mutex.
+	 */
+	pthread_mutex_lock(&pool.mutex);
+	seen = pool.first_job[index];
+	for (;;)
+	{
+		fm_range_fn fn;
+		void	   *fn_arg;
+		int32_t		n;
+		int32_t		parts;
+
+		while (pool.job_number == seen)
+			pthread_cond_wait(&pool.work, &pool.mutex);
+		seen = pool.job_number;
+		fn = pool.fn;
+		fn_arg = pool.arg;
+		n = pool.n;
+		parts = pool.parts;
+		pthread_mutex_unlock(&pool.mutex);
+
+		if (index < parts)
+		{
+			int32_t		begin;
+			int32_t		end;
+
+			part_range(n, parts, index, &begin, &end);
+			if (begin < end)
+				fn(fn_arg, begin, end);
+		}
+
+		pthread_mutex_lock(&pool.mutex);
+		if (--pool.pending == 0)
+			pthread_cond_signal(&pool.done);
+	}
+	return NULL;
+}
+
+/*
+ * Starts workers until wanted - 1 run.  Called with the mutex held.  A
+ * thread that cannot be created leaves the pool smaller, which only costs
+ * speed.
+ */
+static void
+start_workers(void)
+{
+	sigset_t	all;
+	sigset_t	saved;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_BLOCK, &all, &saved);
+	while (pool.started < pool.wanted - 1)
+	{
+		int32_t		index = pool.started + 1;
+
+		pool.first_job[index] = pool.job_number;
+		if (pthread_create(&pool.workers[pool.started], NULL, worker_main,
+						   (void *) (intptr_t) index) != 0)
+			break;
+		pool.started++;
+	}
+	pthread_sigmask(SIG_SETMASK, &saved, NULL);
+}
+
+fm_status
+fm_set_threads(int32_t n, fm_error *err)
+{
+	if (n < 1 || n > FM_MAX_THREADS)
+		return fm_set_error(err, FM_EINVAL, "thread count %d is outside [1, %d]",
+							n, FM_MAX_THREADS);
+	pthread_mutex_lock(&pool.mutex);
+	pool.wanted = n;
+	pthread_mutex_unlock(&pool.mutex);
+	return FM_OK;
+}
+
+int32_t
+fm_get_threads(void)
+{
+	int32_t		n;
+
+	pthread_mutex_lock(&pool.mutex);
+	n = pool.wanted;
+	pthread_mutex_unlock(&pool.mutex);
+	return n;
+}
+
+void
+fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg)
+{
+	int32_t		parts;
+	int32_t		begin;
+	int32_t		end;
+
+	if (n <= 0)
+		return;
+	pthread_mutex_lock(&pool.mutex);
+	parts = pool.wanted;
+	if (min_items > 0 && n / min_items < parts)
+		parts = n / min_items;
+	if (parts > 1 && pool.started < parts - 1)
+		start_workers();
+	if (parts > pool.started + 1)
+		parts = pool.started + 1;
+	if (parts <= 1)
+	{
+		pthread_mutex_unlock(&pool.mutex);
+		fn(arg, 0, n);
+		return;
+	}
+
+	pool.fn = fn;
+	pool.arg = arg;
+	pool.n = n;
+	pool.parts = parts;
+	pool.pending = pool.started;
+	pool.job_number++;
+	pthread_cond_broadcast(&pool.work);
+	pthread_mutex_unlock(&pool.mutex);
+
+	part_range(n, parts, 0, &begin, &end);
+	fn(arg, begin, end);
+
+	pthread_mutex_lock(&pool.mutex);
+	while (pool.pending > 0)
+		pthread_cond_wait(&pool.done, &pool.mutex);
+	pthread_mutex_unlock(&pool.mutex);
+}
