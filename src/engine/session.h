@@ -56,6 +56,18 @@ struct fm_session
 	float	   *logits;			/* [vocab] next-token logits */
 	float	   *sample_f;		/* [vocab] sampler scratch */
 	int32_t    *sample_i;		/* [vocab] sampler scratch */
+
+	/*
+	 * Several sequences in one session (fm_session_create_multi).  Sequence
+	 * j owns cache slots [j * context_len, (j + 1) * context_len) of every
+	 * layer.  A session from fm_session_create has n_seq 1 and keeps its
+	 * position in the field above; seq_position is then unused.
+	 */
+	int32_t		n_seq;
+	int32_t		cache_slots;	/* n_seq * context_len: KV rows per layer */
+	int32_t    *seq_position;	/* [n_seq] positions in each sequence */
+	int32_t    *row_base;		/* [C] first cache slot of each chunk row's sequence */
+	int32_t    *row_pos;		/* [C] position of each chunk row in its sequence */
 };
 
 #endif							/* FLEXMORE_SESSION_H */
