@@ -8,7 +8,9 @@
  * build) starts its worker threads in the library's constructor, and
  * shared_preload_libraries loads flexmore.so into the postmaster, which
  * must stay single-threaded because it forks every backend.  So each
- * backend dlopens the library the first time it runs the forward pass.
+ * backend dlopens the library the first time a matrix product has
+ * FM_SGEMM_MIN_ROWS rows or more (the engine calls fm_blas_ensure through
+ * fm_set_sgemm_loader); shorter products never need it.
  * Every signal is blocked around dlopen, so OpenBLAS's threads start with
  * all signals blocked and PostgreSQL's signal handlers only ever run on
  * the backend's own thread.  OPENBLAS_NUM_THREADS is set from

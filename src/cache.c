@@ -331,7 +331,8 @@ key_equal(const fm_cache_key *a, const fm_cache_key *b)
 		a->expert == b->expert && a->kind == b->kind;
 }
 
-static int
+/* Not inlined: fm_cache_pin calls it inside PG_TRY, where gcc would warn. */
+pg_noinline static int
 find_item(const fm_cache_key *key)
 {
 	for (int i = 0; i < cache->high_water; i++)
@@ -489,8 +490,8 @@ fm_cache_pin(const fm_cache_key *key, const char *model_name,
 			 void *arg, char **data)
 {
 	Size		need = TYPEALIGN(FM_CACHE_ALIGN, Max(bytes, 1));
-	Size		offset = 0;
-	int			slot;
+	volatile Size offset = 0;	/* volatile: set before PG_TRY, read inside */
+	volatile int slot;
 	fm_cache_item *item;
 
 	Assert(cache != NULL);
@@ -542,7 +543,12 @@ fm_cache_pin(const fm_cache_key *key, const char *model_name,
 				 errhint("Raise flexmore.cache_size and restart the server.")));
 	}
 
-	slot = reserve(need, &offset);
+	{
+		Size		reserved = 0;
+
+		slot = reserve(need, &reserved);
+		offset = reserved;
+	}
 	if (slot < 0)
 	{
 		Size		pinned = 0;

@@ -242,8 +242,10 @@ fm_check_session_memory(const fm_cached_model *entry, int32 n_seq, int32 context
 		return;
 	ereport(ERROR,
 			(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-			 errmsg("scoring %d sequences of up to %d tokens needs %zu kB, more than flexmore.max_call_memory (%d kB)",
-					n_seq, context_len, (need + 1023) / 1024, flexmore_max_call_memory),
+			 errmsg_plural("scoring %d sequence of up to %d tokens needs %zu kB, more than flexmore.max_call_memory (%d kB)",
+						   "scoring %d sequences of up to %d tokens needs %zu kB, more than flexmore.max_call_memory (%d kB)",
+						   n_seq,
+						   n_seq, context_len, (need + 1023) / 1024, flexmore_max_call_memory),
 			 errdetail("The KV cache and activations of model \"%s\" grow with the context.",
 					   entry->name),
 			 errhint("Raise flexmore.max_call_memory, or shorten the inputs or the template.")));

@@ -877,7 +877,12 @@ fm_model_use_weights(fm_cached_model *entry, const bool *allowed)
 	instr_time	bound;
 
 	INSTR_TIME_SET_CURRENT(start);
-	fm_blas_ensure();
+
+	/*
+	 * OpenBLAS is loaded only when a product first has enough rows for
+	 * sgemm, so a connection running short calls never pays for it.
+	 */
+	fm_set_sgemm_loader(fm_blas_ensure);
 	INSTR_TIME_SET_CURRENT(blas_done);
 	if (!fm_cache_enabled())
 	{
@@ -939,9 +944,15 @@ fm_fill_tokenizer(void *arg, char *dst, Size bytes)
 /*
  * Pins the entry's tokenizer item for the current call, building it from
  * the stored tokenizer.json when no backend has, and attaches
- * entry->tokenizer to it when the item is new to this entry.  The pin of
- * the previous call is dropped once the new one is held.  Runs inside SPI
- * as the extension owner.
+ * entry->tokenizer to it when the item is new to this entry.  Runs inside
+ * SPI as the extension owner.
+ *
+ * NB: the previous call's pin is dropped before the new one is taken.  Its
+ * resource owner may be gone, and a new owner can sit at the same address,
+ * so dropping it after taking the new pin could release the new pin
+ * itself and leave the image in use unpinned.  Between the two steps this
+ * backend does not use the image; if it is evicted meanwhile, the address
+ * check below attaches to the new copy.
  */
 static void
 fm_tokenizer_pin(fm_cached_model *entry)
@@ -959,6 +970,10 @@ fm_tokenizer_pin(fm_cached_model *entry)
 	key.created = entry->created;
 	key.expert = FM_CACHE_SHARED_PART;
 	key.kind = FM_CACHE_TOKENIZER;
+
+	if (old_pin >= 0)
+		(void) fm_cache_unpin_if_held(old_pin, old_owner);
+	b->tokenizer_pin = -1;
 
 	slot = fm_cache_pin(&key, entry->name, NULL, 0, NULL, NULL, &data);
 	if (slot < 0)
@@ -996,8 +1011,6 @@ fm_tokenizer_pin(fm_cached_model *entry)
 	}
 	b->tokenizer_pin = slot;
 	b->tokenizer_owner = CurrentResourceOwner;
-	if (old_pin >= 0)
-		(void) fm_cache_unpin_if_held(old_pin, old_owner);
 
 	if (data != b->tokenizer_image || entry->tokenizer == NULL)
 	{

@@ -459,7 +459,15 @@ main(int argc, char **argv)
 						   3, NULL, params, NULL, NULL, 0);
 	}
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
+	{
+		const char *sqlstate = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+
+		/* The server's hint names the SQL argument; name the option too. */
+		if (sqlstate != NULL && strcmp(sqlstate, "42710") == 0 && !add_expert)
+			die(conn, "%sUse -r (--replace) to import over the existing model.",
+				PQerrorMessage(conn));
 		die(conn, "%s", PQerrorMessage(conn));
+	}
 	if (interrupted)
 		die(conn, "interrupted; the transaction was rolled back");
 

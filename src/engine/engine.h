@@ -511,4 +511,21 @@ typedef void (*fm_sgemm_fn) (int order, int trans_a, int trans_b,
  */
 void		fm_set_sgemm(fm_sgemm_fn fn);
 
+/*
+ * Rows of a matrix product from which sgemm is used.  Below it, a C loop
+ * that reads each weight row once is as fast (the product is bound by
+ * reading the weights), and a connection that only runs short prompts
+ * never loads the BLAS library.
+ */
+#define FM_SGEMM_MIN_ROWS 8
+
+/*
+ * Sets a callback that fm_matmul calls once, on the engine's thread, the
+ * first time it has FM_SGEMM_MIN_ROWS rows or more and no sgemm; the
+ * callback may call fm_set_sgemm.  The PostgreSQL module loads OpenBLAS
+ * this way, so short calls never pay for loading it.
+ */
+typedef void (*fm_sgemm_loader_fn) (void);
+void		fm_set_sgemm_loader(fm_sgemm_loader_fn loader);
+
 #endif							/* FLEXMORE_ENGINE_H */

@@ -21,6 +21,7 @@
  *-------------------------------------------------------------------------
  */
 #include <math.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "engine/engine.h"
@@ -57,10 +58,21 @@ static fm_sgemm_fn sgemm = NULL;
 #define FM_MATVEC_MIN_ROWS	64
 #define FM_MATVEC_MIN_WORK	((int64_t) 1 << 18)
 
+/* Called once, the first time a product is big enough for sgemm. */
+static fm_sgemm_loader_fn sgemm_loader = NULL;
+static bool sgemm_loader_called = false;
+
 void
 fm_set_sgemm(fm_sgemm_fn fn)
 {
 	sgemm = fn;
+}
+
+void
+fm_set_sgemm_loader(fm_sgemm_loader_fn loader)
+{
+	sgemm_loader = loader;
+	sgemm_loader_called = false;
 }
 
 typedef struct matvec_job
@@ -100,10 +112,50 @@ fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t in)
 		fm_parallel_for(out, FM_MATVEC_MIN_ROWS, matvec_rows, &job);
 }
 
+typedef struct matmul_job
+{
+	float	   *y;
+	const float *x;
+	const float *w;
+	int32_t		rows;
+	int32_t		out;
+	int32_t		in;
+} matmul_job;
+
+/*
+ * Computes output columns [begin, end) of a small matmul: each weight row
+ * is read once and applied to every input row while it is in cache, and
+ * each sum runs in the same order as matvec_rows, so every row of Y is
+ * bitwise what fm_matvec would give.
+ */
+static void
+matmul_rows(void *arg, int32_t begin, int32_t end)
+{
+	const matmul_job *job = (const matmul_job *) arg;
+	int32_t		in = job->in;
+
+	for (int32_t o = begin; o < end; o++)
+	{
+		const float *row = job->w + (size_t) o * in;
+
+		for (int32_t r = 0; r < job->rows; r++)
+		{
+			const float *xr = job->x + (size_t) r * in;
+			float		sum = 0.0f;
+
+			for (int32_t i = 0; i < in; i++)
+				sum += row[i] * xr[i];
+			job->y[(size_t) r * job->out + o] = sum;
+		}
+	}
+}
+
 void
 fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 		  int32_t out, int32_t in)
 {
+	matmul_job	job = {y, x, w, rows, out, in};
+
 	if (rows <= 0)
 		return;
 	if (rows == 1)
@@ -111,10 +163,19 @@ fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 		fm_matvec(y, w, x, out, in);
 		return;
 	}
-	if (sgemm == NULL)
+
+	if (rows >= FM_SGEMM_MIN_ROWS && sgemm == NULL && sgemm_loader != NULL &&
+		!sgemm_loader_called)
 	{
-		for (int32_t r = 0; r < rows; r++)
-			fm_matvec(y + (size_t) r * out, w, x + (size_t) r * in, out, in);
+		sgemm_loader_called = true;
+		sgemm_loader();
+	}
+	if (rows < FM_SGEMM_MIN_ROWS || sgemm == NULL)
+	{
+		if ((int64_t) out * in * rows < FM_MATVEC_MIN_WORK)
+			matmul_rows(&job, 0, out);
+		else
+			fm_parallel_for(out, FM_MATVEC_MIN_ROWS, matmul_rows, &job);
 		return;
 	}
 	sgemm(FM_CBLAS_ROW_MAJOR, FM_CBLAS_NO_TRANS, FM_CBLAS_TRANS,

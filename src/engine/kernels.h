@@ -24,8 +24,11 @@ void		fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t i
 
 /*
  * Y[rows, out] = X[rows, in] W[out, in]^T.  One row goes through
- * fm_matvec (decode); more rows go through the sgemm of fm_set_sgemm
- * (prompt chunks), or through fm_matvec row by row when none is set.
+ * fm_matvec (decode).  Fewer than FM_SGEMM_MIN_ROWS rows, or any rows
+ * when no sgemm is set, go through a C loop that reads each weight row
+ * once for all rows and gives each row bitwise fm_matvec's result; more
+ * rows go through the sgemm of fm_set_sgemm (prompt chunks), loading it
+ * first through the fm_set_sgemm_loader callback when one is set.
  */
 void		fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 					  int32_t out, int32_t in);

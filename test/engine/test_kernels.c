@@ -99,7 +99,7 @@ test_matvec_and_matmul(void)
 	CHECK(y[0] == -2.0f);
 	CHECK(y[1] == -2.0f);
 
-	/* three rows go through sgemm */
+	/* three rows, fewer than FM_SGEMM_MIN_ROWS, go through the C loop */
 	memset(y, 0, sizeof(y));
 	fm_matmul(y, x, w, 3, 2, 3);
 	CHECK(y[0] == -2.0f);
@@ -108,6 +108,84 @@ test_matvec_and_matmul(void)
 	CHECK(y[3] == 5.0f);
 	CHECK(y[4] == 12.0f);
 	CHECK(y[5] == 30.0f);
+}
+
+static int	sgemm_calls;
+static int	loader_calls;
+
+/* A naive sgemm for the loader test: Y = X W^T, row-major. */
+static void
+counting_sgemm(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
+			   const float *a, int lda, const float *b, int ldb, float beta,
+			   float *c, int ldc)
+{
+	sgemm_calls++;
+	for (int r = 0; r < m; r++)
+		for (int o = 0; o < n; o++)
+		{
+			double		sum = 0.0;
+
+			for (int i = 0; i < k; i++)
+				sum += (double) a[r * lda + i] * b[o * ldb + i];
+			c[r * ldc + o] = (float) sum;
+		}
+}
+
+static void
+counting_loader(void)
+{
+	loader_calls++;
+	fm_set_sgemm(counting_sgemm);
+}
+
+static void
+test_matmul_paths(void)
+{
+	enum
+	{
+		ROWS = FM_SGEMM_MIN_ROWS, OUT = 37, IN = 129
+	};
+	static float w[OUT * IN];
+	static float x[ROWS * IN];
+	static float y[ROWS * OUT];
+	static float row[OUT];
+	bool		same = true;
+	bool		close = true;
+
+	for (int i = 0; i < OUT * IN; i++)
+		w[i] = (float) ((i * 7919) % 113) / 113.0f - 0.5f;
+	for (int i = 0; i < ROWS * IN; i++)
+		x[i] = (float) ((i * 104729) % 97) / 97.0f - 0.5f;
+
+	/* Below the sgemm threshold each row is bitwise fm_matvec's result. */
+	fm_set_sgemm(NULL);
+	fm_set_sgemm_loader(counting_loader);
+	fm_matmul(y, x, w, ROWS - 1, OUT, IN);
+	for (int r = 0; r < ROWS - 1; r++)
+	{
+		fm_matvec(row, w, x + r * IN, OUT, IN);
+		same = same && memcmp(row, y + r * OUT, sizeof(row)) == 0;
+	}
+	CHECK(same);
+	CHECK(loader_calls == 0);
+	CHECK(sgemm_calls == 0);
+
+	/* At the threshold the loader runs once and its sgemm is used. */
+	fm_matmul(y, x, w, ROWS, OUT, IN);
+	fm_matmul(y, x, w, ROWS, OUT, IN);
+	CHECK(loader_calls == 1);
+	CHECK(sgemm_calls == 2);
+	for (int r = 0; r < ROWS; r++)
+	{
+		fm_matvec(row, w, x + r * IN, OUT, IN);
+		for (int o = 0; o < OUT; o++)
+			close = close && fabsf(row[o] - y[r * OUT + o]) <= 1e-5f;
+	}
+	CHECK(close);
+
+	/* The tests below need no sgemm, so none is set again. */
+	fm_set_sgemm_loader(NULL);
+	fm_set_sgemm(NULL);
 }
 
 static void
@@ -345,6 +423,7 @@ main(void)
 	test_rope_rotate_half();
 	test_softmax_and_silu();
 	test_matvec_and_matmul();
+	test_matmul_paths();
 	test_router_topk();
 	test_dtype_conversion();
 	test_rng();

@@ -128,6 +128,23 @@ tok_after=$(q $db "SELECT hits FROM flexmore_cache WHERE model = 'f' AND kind = 
 check "three new connections hit the cache three times" "3" "$((after - before))"
 check "three new connections attach to the cached tokenizer" "3" "$((tok_after - tok_before))"
 
+# A later statement in the same session keeps its tokenizer pinned while it
+# runs.  The pin of the previous statement used to be released after the
+# new one was taken, and a new statement's resource owner at the old one's
+# address made that release drop the new pin, so the image was in use
+# unpinned and could be evicted under it.
+pins=$(psql -X -q -t -A -d $db <<'SQL'
+SELECT flexmore_tokenize('f', 'Hej') IS NOT NULL;
+SELECT flexmore_tokenize('f', 'Hej') IS NOT NULL,
+       (SELECT users FROM flexmore_cache WHERE model = 'f' AND kind = 'tokenizer');
+SELECT flexmore_tokenize('f', 'Hej') IS NOT NULL,
+       (SELECT users FROM flexmore_cache WHERE model = 'f' AND kind = 'tokenizer');
+SQL
+)
+check "tokenizer stays pinned in later statements" "$(printf 't\nt|1\nt|1')" "$pins"
+check "tokenizer pins go when the session ends" "0" \
+	"$(q $db "SELECT users FROM flexmore_cache WHERE model = 'f' AND kind = 'tokenizer'")"
+
 # Evicting frees the tokenizer item too.  A connection that attached to it
 # builds it again on its next call and gets the same ids.
 text='rødgrød med fløde <|endoftext|> 12345 hello'
