@@ -11,7 +11,7 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 FLEXMORE_PACKAGES=(
 	build-essential pkg-config
 	postgresql-15 postgresql-server-dev-15 postgresql-client-15
-	libopenblas-dev libzstd-dev libpcre2-dev
+	libopenblas-dev libzstd-dev libpcre2-dev libpq-dev
 	python3 python3-numpy
 	gettext valgrind
 	# the libFuzzer targets in test/fuzz
