@@ -38,7 +38,7 @@ run_stage() {
 	else
 		p=0 f=1
 	fi
-	# A stage that exits non-zero has failed even if its counts say otherwise.
+	# A stage that exits non-zero has failed, whatever its counts.
 	if [ $status -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
 	passed=$((passed + p))
 	failed=$((failed + f))

@@ -10,7 +10,7 @@
  * containers whose /dev/shm is small, where POSIX DSM segments of
  * gigabytes would fail.  docs/cache.md weighs the alternatives.
  *
- * The segment holds a control structure (a fixed table of
+ * The segment contains a control structure (a fixed table of
  * FM_CACHE_MAX_ITEMS items and the free list of the arena) and the arena,
  * where item contents live.  An item is one part of one import of a
  * model: the weights of the shared part or of one expert, or the
@@ -192,7 +192,7 @@ fm_cache_enabled(void)
 
 /* ---------- arena space (cache lock held exclusively) ---------- */
 
-/* Takes bytes from the smallest free range that holds them; false if none. */
+/* Takes bytes from the smallest free range that can contain them; false if none. */
 static bool
 extent_alloc(Size bytes, Size *offset)
 {

@@ -116,7 +116,7 @@ extern void fm_prewarm_register(void);
  * Loads OpenBLAS into this backend on first use, with every signal
  * blocked so that its threads never receive one, and hands its sgemm to
  * the engine.  When the library cannot be loaded the engine multiplies
- * prompt chunks with its plain C loop, and a WARNING says so once.
+ * prompt chunks with its plain C loop, and a WARNING reports it once.
  */
 extern void fm_blas_ensure(void);
 

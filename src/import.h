@@ -93,7 +93,7 @@ extern fm_import_tensor *fm_import_find(fm_import_state *s, const char *name);
 
 /*
  * Phase 2: writes the validated checkpoint as model s->model_name.
- * The caller holds an SPI connection and runs as the extension owner.
+ * The caller has an open SPI connection and runs as the extension owner.
  * Returns the new model's id.
  */
 extern int64 fm_import_store(fm_import_state *s, bool replace);

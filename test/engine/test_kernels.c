@@ -338,7 +338,7 @@ test_rng(void)
 static void
 test_sampler_padded_vocab(void)
 {
-	/* ids 6 and 7 are padding past the tokenizer; 7 holds the max logit */
+	/* ids 6 and 7 are padding past the tokenizer; 7 has the max logit */
 	const float logits[8] = {0.5f, 2.0f, 2.0f, -1.0f, 0.0f, 1.0f, 5.0f, 9.0f};
 	const bool	sampleable[8] = {true, true, true, true, true, true, false, false};
 	fm_sampler_params greedy = {.temperature = 0.0, .top_p = 1.0};
