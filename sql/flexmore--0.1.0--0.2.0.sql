@@ -173,3 +173,163 @@ REVOKE ALL ON flexmore_cache FROM PUBLIC;
 GRANT SELECT ON flexmore_cache TO pg_read_all_stats;
 REVOKE EXECUTE ON FUNCTION flexmore_cache_load(text, text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION flexmore_cache_evict(text) FROM PUBLIC;
+
+-- ---------- expert governance (docs/governance.md) ----------
+-- Metadata and state of each expert.  An expert is routed to only while
+-- enabled is true and consent is 'granted', and only for roles it is
+-- granted to (flexmore.expert_grants).  Empty metadata is NULL.
+
+ALTER TABLE flexmore.experts
+	ADD COLUMN owner text,
+	ADD COLUMN domain text,
+	ADD COLUMN description text,
+	ADD COLUMN licence text,
+	ADD COLUMN consent text NOT NULL DEFAULT 'granted'
+		CONSTRAINT experts_consent_check CHECK (consent IN ('granted', 'withdrawn')),
+	ADD COLUMN enabled boolean NOT NULL DEFAULT true,
+	ADD COLUMN created timestamptz NOT NULL DEFAULT now(),
+	ADD COLUMN updated timestamptz NOT NULL DEFAULT now();
+
+-- Which roles may use an expert.  grantee 0 (shown as '-') is PUBLIC.  A
+-- grant follows a rename of its expert and goes with the expert when it
+-- is removed.  regrole dumps and restores as the role's name.
+CREATE TABLE flexmore.expert_grants (
+	model_id bigint NOT NULL,
+	expert_name text NOT NULL,
+	grantee regrole NOT NULL,
+	granted timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (model_id, expert_name, grantee),
+	FOREIGN KEY (model_id, expert_name) REFERENCES flexmore.experts (model_id, name)
+		ON UPDATE CASCADE ON DELETE CASCADE
+);
+SELECT pg_catalog.pg_extension_config_dump('flexmore.expert_grants', '');
+REVOKE ALL ON flexmore.expert_grants FROM PUBLIC;
+
+-- Administration, like flexmore_remove_expert: EXECUTE is revoked from
+-- PUBLIC, and flexmore.admin_role applies.  In flexmore_expert_set a NULL
+-- argument leaves its field unchanged and an empty string clears it.
+
+CREATE FUNCTION flexmore_expert_set(model_name text, expert_name text,
+									owner text DEFAULT NULL,
+									domain text DEFAULT NULL,
+									description text DEFAULT NULL,
+									licence text DEFAULT NULL,
+									consent text DEFAULT NULL)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_expert_set'
+LANGUAGE C VOLATILE PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_enable_expert(model_name text, expert_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_enable_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_disable_expert(model_name text, expert_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_disable_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_rename_expert(model_name text, expert_name text, new_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_rename_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+-- role_name is a role's name or 'PUBLIC'.
+CREATE FUNCTION flexmore_grant_expert(model_name text, expert_name text, role_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_grant_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION flexmore_revoke_expert(model_name text, expert_name text, role_name text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_revoke_expert'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+REVOKE EXECUTE ON FUNCTION flexmore_expert_set(text, text, text, text, text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_enable_expert(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_disable_expert(text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_rename_expert(text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_grant_expert(text, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION flexmore_revoke_expert(text, text, text) FROM PUBLIC;
+
+-- Every expert of every model with its metadata, state and grantees.
+-- Like pg_class.relacl, the grantees are visible to every role.
+CREATE VIEW flexmore_experts AS
+SELECT m.name AS model,
+	   e.expert_index,
+	   e.name AS expert,
+	   e.rank,
+	   e.owner,
+	   e.domain,
+	   e.description,
+	   e.licence,
+	   e.consent,
+	   e.enabled,
+	   ARRAY(SELECT CASE WHEN g.grantee::oid = 0 THEN 'PUBLIC' ELSE g.grantee::text END
+			 FROM flexmore.expert_grants g
+			 WHERE g.model_id = e.model_id AND g.expert_name = e.name
+			 ORDER BY 1) AS grantees,
+	   e.created,
+	   e.updated
+FROM flexmore.experts e
+JOIN flexmore.models m ON m.id = e.model_id;
+
+GRANT SELECT ON flexmore_experts TO PUBLIC;
+
+-- Routing audit: one row per token position and layer (both from 0),
+-- with the experts the router chose, highest weight first, and their
+-- weights.  It uses the experts the caller may use, as flexmore_logits
+-- does.  A NULL model_name or input gives no rows.
+CREATE FUNCTION flexmore_route(model_name text, input text, experts text[] DEFAULT NULL)
+RETURNS TABLE ("position" int, token_id int, token text, layer int,
+			   experts text[], weights real[])
+AS 'MODULE_PATHNAME', 'flexmore_route'
+LANGUAGE C STABLE PARALLEL SAFE COST 100000 ROWS 100
+SET search_path = pg_catalog, pg_temp;
+
+-- Usage counters per database, model, expert and role: calls that routed
+-- at least one token to the expert, and the token positions routed to it
+-- in at least one layer.  Shared by every connection when flexmore is in
+-- shared_preload_libraries, else per connection.  Readable by
+-- pg_read_all_stats, like flexmore_cache.
+CREATE FUNCTION flexmore_expert_usage_entries(
+	OUT dbid oid, OUT model text, OUT expert text, OUT roleid oid,
+	OUT calls bigint, OUT tokens bigint, OUT since timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'flexmore_expert_usage_entries'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED ROWS 100
+SET search_path = pg_catalog, pg_temp;
+
+CREATE VIEW flexmore_expert_usage AS
+SELECT d.datname AS database,
+	   u.model,
+	   u.expert,
+	   CASE WHEN a.rolname IS NULL THEN u.roleid::text ELSE a.rolname::text END AS role,
+	   u.calls,
+	   u.tokens,
+	   u.since
+FROM flexmore_expert_usage_entries() u
+LEFT JOIN pg_catalog.pg_database d ON d.oid = u.dbid
+LEFT JOIN pg_catalog.pg_roles a ON a.oid = u.roleid;
+
+CREATE FUNCTION flexmore_expert_usage_reset()
+RETURNS void
+AS 'MODULE_PATHNAME', 'flexmore_expert_usage_reset'
+LANGUAGE C VOLATILE PARALLEL RESTRICTED COST 1000
+SET search_path = pg_catalog, pg_temp;
+
+REVOKE ALL ON FUNCTION flexmore_expert_usage_entries() FROM PUBLIC;
+REVOKE ALL ON flexmore_expert_usage FROM PUBLIC;
+GRANT SELECT ON flexmore_expert_usage TO pg_read_all_stats;
+REVOKE EXECUTE ON FUNCTION flexmore_expert_usage_reset() FROM PUBLIC;
+
+-- Experts imported before 0.2.0 keep their behaviour: every role may use
+-- them, as a newly imported expert is granted to PUBLIC.
+INSERT INTO flexmore.expert_grants (model_id, expert_name, grantee)
+SELECT model_id, name, 0::oid::regrole FROM flexmore.experts;

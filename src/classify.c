@@ -557,6 +557,7 @@ fm_classify_row(FunctionCallInfo fcinfo, const fm_classify_args *args,
 	bool		allowed[FM_MAX_EXPERTS];
 	fm_session *session;
 	double	   *logprob;
+	fm_route_tally tally;
 
 	template = fm_template_string(args->template);
 	entry = fm_model_get(args->model_name, true);
@@ -573,8 +574,12 @@ fm_classify_row(FunctionCallInfo fcinfo, const fm_classify_args *args,
 
 	session = fm_row_session(st, entry, np + labels->max_len - 1, allowed);
 	logprob = palloc(sizeof(double) * labels->n);
+	fm_usage_begin(&tally, entry);
+	fm_usage_attach(&tally, session);
 	while (!fm_classify_group(session, entry, &prompt, &np, 1, labels, st->scratch, logprob))
-		;
+		fm_usage_restart(&tally);
+	fm_session_set_route_hook(session, NULL, NULL);
+	fm_usage_commit(&tally, entry);
 	*labels_out = labels;
 	*logprob_out = logprob;
 	MemoryContextSwitchTo(caller_cxt);
@@ -640,9 +645,14 @@ fm_score_row(FunctionCallInfo fcinfo, int *tokens)
 	if (n > 1)
 	{
 		fm_session *session = fm_row_session(st, entry, n, allowed);
+		fm_route_tally tally;
 
+		fm_usage_begin(&tally, entry);
+		fm_usage_attach(&tally, session);
 		while (!fm_score_group(session, entry, &ids, &n, 1, st->scratch, &score))
-			;
+			fm_usage_restart(&tally);
+		fm_session_set_route_hook(session, NULL, NULL);
+		fm_usage_commit(&tally, entry);
 	}
 	MemoryContextSwitchTo(caller_cxt);
 	return score;
@@ -701,6 +711,7 @@ flexmore_embed(PG_FUNCTION_ARGS)
 	double	   *mean;
 	Datum	   *elems;
 	fm_error	err = {0};
+	fm_route_tally tally;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
@@ -720,10 +731,16 @@ flexmore_embed(PG_FUNCTION_ARGS)
 
 	hidden_size = entry->model.config.hidden_size;
 	hidden = palloc(sizeof(float) * (size_t) n * hidden_size);
+	fm_usage_begin(&tally, entry);
+	fm_usage_attach(&tally, session);
 	do
+	{
 		fm_session_reset(session);
-	while (!fm_engine_ok(fm_forward_hidden(session, ids, n, hidden, fm_interrupt_pending,
-										   NULL, &err), &err, entry));
+		fm_usage_restart(&tally);
+	} while (!fm_engine_ok(fm_forward_hidden(session, ids, n, hidden, fm_interrupt_pending,
+											 NULL, &err), &err, entry));
+	fm_session_set_route_hook(session, NULL, NULL);
+	fm_usage_commit(&tally, entry);
 
 	mean = palloc0(sizeof(double) * hidden_size);
 	for (int t = 0; t < n; t++)
@@ -821,6 +838,8 @@ flexmore_classify_batch(PG_FUNCTION_ARGS)
 	float	   *scratch;
 	MemoryContext group_cxt;
 	MemoryContext caller_cxt;
+	fm_route_tally call_tally;
+	fm_route_tally part_tally;
 
 	InitMaterializedSRF(fcinfo, 0);
 	for (int i = 0; i <= 3; i++)
@@ -832,6 +851,8 @@ flexmore_classify_batch(PG_FUNCTION_ARGS)
 	labels = fm_labels_read(entry, PG_GETARG_ARRAYTYPE_P(3));
 	fm_batch_rows_read(PG_GETARG_ARRAYTYPE_P(1), PG_GETARG_ARRAYTYPE_P(2), &rows);
 	fm_call_experts_mask(entry, PG_ARGISNULL(5) ? NULL : PG_GETARG_ARRAYTYPE_P(5), allowed);
+	fm_usage_begin(&call_tally, entry);
+	fm_usage_begin(&part_tally, entry);
 
 	scratch = MemoryContextAllocExtended(CurrentMemoryContext,
 										 sizeof(float) * FM_LOGPROB_ROWS *
@@ -888,9 +909,11 @@ flexmore_classify_batch(PG_FUNCTION_ARGS)
 				int			part = fm_batch_group_size(entry, g - done, context_len);
 
 				session = fm_batch_session(entry, part, context_len, allowed, &a);
+				fm_usage_attach(&part_tally, session);
 				while (!fm_classify_group(session, entry, prompts + done, np + done, part,
 										  labels, scratch, logprob + done * labels->n))
-					;
+					fm_usage_restart(&part_tally);
+				fm_usage_merge(&call_tally, &part_tally);
 				fm_session_destroy(session);
 				done += part;
 			}
@@ -917,6 +940,7 @@ flexmore_classify_batch(PG_FUNCTION_ARGS)
 		start = end;
 	}
 	MemoryContextDelete(group_cxt);
+	fm_usage_commit(&call_tally, entry);
 	return (Datum) 0;
 }
 
@@ -936,6 +960,8 @@ flexmore_score_batch(PG_FUNCTION_ARGS)
 	float	   *scratch;
 	MemoryContext group_cxt;
 	MemoryContext caller_cxt;
+	fm_route_tally call_tally;
+	fm_route_tally part_tally;
 
 	InitMaterializedSRF(fcinfo, 0);
 	for (int i = 0; i <= 2; i++)
@@ -945,6 +971,8 @@ flexmore_score_batch(PG_FUNCTION_ARGS)
 	entry = fm_model_get(text_to_cstring(PG_GETARG_TEXT_PP(0)), true);
 	fm_batch_rows_read(PG_GETARG_ARRAYTYPE_P(1), PG_GETARG_ARRAYTYPE_P(2), &rows);
 	fm_call_experts_mask(entry, PG_ARGISNULL(3) ? NULL : PG_GETARG_ARRAYTYPE_P(3), allowed);
+	fm_usage_begin(&call_tally, entry);
+	fm_usage_begin(&part_tally, entry);
 
 	scratch = MemoryContextAllocExtended(CurrentMemoryContext,
 										 sizeof(float) * FM_LOGPROB_ROWS *
@@ -983,9 +1011,11 @@ flexmore_score_batch(PG_FUNCTION_ARGS)
 			fm_allocator a;
 			fm_session *session = fm_batch_session(entry, part, max_n, allowed, &a);
 
+			fm_usage_attach(&part_tally, session);
 			while (!fm_score_group(session, entry, seq_ids + done, n + done, part, scratch,
 								   score + done))
-				;
+				fm_usage_restart(&part_tally);
+			fm_usage_merge(&call_tally, &part_tally);
 			fm_session_destroy(session);
 			done += part;
 		}
@@ -1009,5 +1039,6 @@ flexmore_score_batch(PG_FUNCTION_ARGS)
 		start = end;
 	}
 	MemoryContextDelete(group_cxt);
+	fm_usage_commit(&call_tally, entry);
 	return (Datum) 0;
 }

@@ -52,6 +52,7 @@ fm_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	fm_cache_shmem_request();
+	fm_usage_shmem_request();
 }
 
 static void
@@ -60,6 +61,7 @@ fm_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	fm_cache_shmem_startup();
+	fm_usage_shmem_startup();
 }
 
 static void
@@ -95,6 +97,9 @@ _PG_init(void)
 
 	/* flexmore.admin_role, defined with the import code */
 	fm_import_define_settings();
+
+	/* flexmore.expert_access, defined with the governance code */
+	fm_governance_define_settings();
 
 	DefineCustomIntVariable("flexmore.threads",
 							"Compute threads per backend for the forward pass.",

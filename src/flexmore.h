@@ -249,6 +249,89 @@ extern void fm_call_check_length(const fm_cached_model *entry, int n, const char
 extern void fm_call_experts_mask(const fm_cached_model *entry, ArrayType *experts,
 								 bool *allowed);
 
+/*
+ * Creates a session for context_len tokens restricted to allowed, after
+ * checking it against flexmore.max_call_memory (54000).
+ */
+extern fm_session *fm_call_create_session(const fm_cached_model *entry, const fm_allocator *a,
+										  int32 context_len, const bool *allowed);
+
+/* ---------- expert governance (governance.c) ---------- */
+
+/*
+ * True when the governance objects of version 0.2.0 exist; until ALTER
+ * EXTENSION flexmore UPDATE a 0.1.0 installation has none, and every
+ * expert is usable by every role.
+ */
+extern bool fm_governance_installed(void);
+
+/* Defines flexmore.expert_access; _PG_init calls it. */
+extern void fm_governance_define_settings(void);
+
+/*
+ * Fills allowed[num_experts] with the experts of named (NULL: every
+ * expert) that the calling role may use now: enabled, with consent
+ * granted, and granted to the role, PUBLIC or a role it has the
+ * privileges of.  flexmore.expert_access decides whether an expert left
+ * out for lack of a grant is dropped or raises 42501.  Raises an error
+ * when no expert is left.
+ */
+extern void fm_governance_apply(const fm_cached_model *entry, const bool *named, bool *allowed);
+
+/*
+ * The governance of a model's experts (metadata, state, grants), read
+ * before a re-import deletes them and written back to the experts of the
+ * same names afterwards, so replacing a model neither opens nor closes
+ * access.  Both run inside SPI as the extension owner.
+ */
+typedef struct fm_governance_saved fm_governance_saved;
+extern fm_governance_saved *fm_governance_save(const char *model_name);
+extern void fm_governance_restore(const fm_governance_saved *saved, int64 model_id);
+
+/* ---------- routing audit and usage counters (audit.c) ---------- */
+
+/*
+ * The routing report of one call.  tokens[e] counts the token positions
+ * routed to expert e in at least one layer; seen marks, per chunk row,
+ * the experts already counted for that row's position.  With
+ * record_experts set, the choices of sequence 0 are also kept for
+ * record_positions positions: [position][layer][record_k].
+ */
+typedef struct fm_route_tally
+{
+	int			num_experts;
+	int64		tokens[FM_MAX_EXPERTS];
+	bool		seen[FM_PROMPT_CHUNK][FM_MAX_EXPERTS];
+
+	int32		record_positions;
+	int32		record_layers;
+	int32		record_k;
+	int32	   *record_experts;
+	float	   *record_weights;
+	int32	   *record_counts;	/* [position][layer]: experts chosen */
+} fm_route_tally;
+
+extern void fm_usage_shmem_request(void);
+extern void fm_usage_shmem_startup(void);
+
+/* Empties tally for a call on entry, recording nothing. */
+extern void fm_usage_begin(fm_route_tally *tally, const fm_cached_model *entry);
+
+/* Makes session report its routing into tally. */
+extern void fm_usage_attach(fm_route_tally *tally, fm_session *session);
+
+/* Forgets the counts of a call that starts over after an interrupt. */
+extern void fm_usage_restart(fm_route_tally *tally);
+
+/*
+ * Adds the counts of part, one finished piece of a call, to call and
+ * empties part for the next piece.
+ */
+extern void fm_usage_merge(fm_route_tally *call, fm_route_tally *part);
+
+/* Adds a finished call's counts to the calling role's usage counters. */
+extern void fm_usage_commit(const fm_route_tally *tally, const fm_cached_model *entry);
+
 /* Storage functions that change a stored model (storage.c); same contract as above. */
 extern void fm_storage_read_tensor_bytes(const fm_stored_tensor *t, const char *model_name,
 										 char *dst);

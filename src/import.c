@@ -826,6 +826,7 @@ fm_import_store(fm_import_state *s, bool replace)
 	fm_import_tensor **order;
 	int			norder = 0;
 	uint8		digest[PG_SHA256_DIGEST_LENGTH];
+	fm_governance_saved *governance = fm_governance_save(s->model_name);
 
 	if (fm_storage_delete_model(s->model_name, &old_generation))
 	{
@@ -841,6 +842,7 @@ fm_import_store(fm_import_state *s, bool replace)
 	for (int e = 0; e < s->config.num_experts; e++)
 		fm_storage_insert_expert(model_id, e, fm_import_to_server(s->expert_names[e]),
 								 s->config.expert_ranks[e]);
+	fm_governance_restore(governance, model_id);
 	fm_storage_insert_tokenizer(model_id, s->tokenizer_json);
 
 	/* Store in file order, so each file is read front to back. */

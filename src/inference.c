@@ -83,25 +83,27 @@ fm_check_call_memory(const fm_cached_model *entry, int32 context_len)
 }
 
 /*
- * Fills allowed[num_experts] from the experts argument: all true for NULL,
- * else true for each named expert.  Raises an error for a null or unknown
- * name and for an empty array.
+ * Fills allowed[num_experts] with the experts a call may route to: those
+ * named in the experts argument (NULL: every expert) that the calling
+ * role may use now (fm_governance_apply).  The argument can narrow the
+ * set, never widen it.  Raises an error for a null or unknown name, for
+ * an empty array and when no expert is left.
  */
 static void
 fm_experts_mask(const fm_cached_model *entry, ArrayType *experts, bool *allowed)
 {
+	bool		named[FM_MAX_EXPERTS];
 	Datum	   *elems;
 	bool	   *nulls;
 	int			n;
 
 	if (experts == NULL)
 	{
-		for (int e = 0; e < entry->num_experts; e++)
-			allowed[e] = true;
+		fm_governance_apply(entry, NULL, allowed);
 		return;
 	}
 
-	memset(allowed, 0, sizeof(bool) * entry->num_experts);
+	memset(named, 0, sizeof(bool) * entry->num_experts);
 	fm_check_array_1d(experts, "experts");
 	deconstruct_array(experts, TEXTOID, -1, false, TYPALIGN_INT, &elems, &nulls, &n);
 	if (n == 0)
@@ -130,8 +132,9 @@ fm_experts_mask(const fm_cached_model *entry, ArrayType *experts, bool *allowed)
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
 					 errmsg("expert \"%s\" does not exist in model \"%s\"", name, entry->name),
 					 errhint("The expert names are in the expert_names list of the model's config.json, or \"public\" and \"expert_<n>\" when it has none.")));
-		allowed[e] = true;
+		named[e] = true;
 	}
+	fm_governance_apply(entry, named, allowed);
 }
 
 /* Creates a session for context_len tokens restricted to the allowed experts. */
@@ -171,6 +174,7 @@ flexmore_logits(PG_FUNCTION_ARGS)
 	fm_error	err = {0};
 	Datum	   *elems;
 	ArrayType  *result;
+	fm_route_tally tally;
 
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
 		PG_RETURN_NULL();
@@ -199,6 +203,8 @@ flexmore_logits(PG_FUNCTION_ARGS)
 									 ALLOCSET_DEFAULT_SIZES);
 	fm_allocator_init(&a, call_cxt);
 	session = fm_call_session(entry, &a, n, allowed);
+	fm_usage_begin(&tally, entry);
+	fm_usage_attach(&tally, session);
 	logits = palloc(sizeof(float) * vocab);
 
 	for (;;)
@@ -208,12 +214,14 @@ flexmore_logits(PG_FUNCTION_ARGS)
 			break;
 		CHECK_FOR_INTERRUPTS();
 		fm_session_reset(session);
+		fm_usage_restart(&tally);
 	}
 	if (status != FM_OK)
 		fm_raise(&err, psprintf("model \"%s\"", model_name));
 	fm_session_destroy(session);
 	MemoryContextDelete(call_cxt);
 	fm_model_release(entry);
+	fm_usage_commit(&tally, entry);
 
 	elems = palloc(sizeof(Datum) * vocab);
 	for (int32 i = 0; i < vocab; i++)
@@ -307,6 +315,7 @@ fm_generation_run(fm_generation *g)
 	int32_t		n_out = 0;
 	fm_status	status;
 	fm_error	err = {0};
+	fm_route_tally tally;
 
 	/* weights are pinned below, for the allowed experts only (shared cache) */
 	entry = fm_model_get(g->model_name, false);
@@ -335,6 +344,8 @@ fm_generation_run(fm_generation *g)
 									 ALLOCSET_DEFAULT_SIZES);
 	fm_allocator_init(&a, call_cxt);
 	session = fm_call_session(entry, &a, context_len, allowed);
+	fm_usage_begin(&tally, entry);
+	fm_usage_attach(&tally, session);
 
 	/* The engine stops at a full context, so it never returns more ids than this. */
 	out = palloc(sizeof(int32) * ((size_t) Min(g->max_tokens, context_len) + 1));
@@ -348,12 +359,14 @@ fm_generation_run(fm_generation *g)
 			break;
 		CHECK_FOR_INTERRUPTS();
 		fm_session_reset(session);
+		fm_usage_restart(&tally);
 	}
 	if (status != FM_OK)
 		fm_raise(&err, psprintf("model \"%s\"", g->model_name));
 	fm_session_destroy(session);
 	MemoryContextDelete(call_cxt);
 	fm_model_release(entry);
+	fm_usage_commit(&tally, entry);
 
 	g->completion_tokens = n_out;
 	g->completion = fm_decode_ids(entry, out, n_out);
@@ -417,4 +430,11 @@ void
 fm_call_experts_mask(const fm_cached_model *entry, ArrayType *experts, bool *allowed)
 {
 	fm_experts_mask(entry, experts, allowed);
+}
+
+fm_session *
+fm_call_create_session(const fm_cached_model *entry, const fm_allocator *a,
+					   int32 context_len, const bool *allowed)
+{
+	return fm_call_session(entry, a, context_len, allowed);
 }

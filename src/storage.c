@@ -145,6 +145,12 @@ fm_storage_insert_expert(int64 model_id, int expert_index, const char *name, int
 	fm_spi_run("INSERT INTO flexmore.experts (model_id, expert_index, name, rank)"
 			   " VALUES ($1, $2, $3, $4)",
 			   4, types, values, NULL, false, SPI_OK_INSERT);
+
+	/* A new expert is granted to PUBLIC (docs/governance.md). */
+	if (fm_governance_installed())
+		fm_spi_run("INSERT INTO flexmore.expert_grants (model_id, expert_name, grantee)"
+				   " VALUES ($1, $3, 0)",
+				   4, types, values, NULL, false, SPI_OK_INSERT);
 }
 
 char	  **
@@ -593,17 +599,44 @@ fm_storage_read_expert_ranks(int64 model_id, int *n, char ***names, int **ranks)
 	}
 }
 
-/* Replaces the expert rows of a model with names[0..n) and ranks[0..n). */
+/*
+ * Replaces the expert rows of a model with names[0..n) and ranks[0..n).
+ * A row whose name stays keeps its metadata and grants and only moves to
+ * its new index.  Rows of names that go are deleted with their grants, and
+ * new names get new rows.  The indexes first move out of the way by
+ * FM_MAX_EXPERTS, because the primary key (model_id, expert_index) is
+ * checked row by row.
+ */
 void
 fm_storage_replace_experts(int64 model_id, int n, char **names, const int *ranks)
 {
-	Oid			types[1] = {INT8OID};
-	Datum		values[1] = {Int64GetDatum(model_id)};
+	Oid			types[4] = {INT8OID, INT4OID, TEXTOID, INT4OID};
+	Datum		values[4];
+	bool		governance = fm_governance_installed();
 
-	fm_spi_run("DELETE FROM flexmore.experts WHERE model_id = $1",
-			   1, types, values, NULL, false, SPI_OK_DELETE);
+	values[0] = Int64GetDatum(model_id);
+	values[1] = Int32GetDatum(FM_MAX_EXPERTS);
+	fm_spi_run("UPDATE flexmore.experts SET expert_index = expert_index + $2"
+			   " WHERE model_id = $1",
+			   2, types, values, NULL, false, SPI_OK_UPDATE);
 	for (int e = 0; e < n; e++)
-		fm_storage_insert_expert(model_id, e, names[e], ranks[e]);
+	{
+		values[1] = Int32GetDatum(e);
+		values[2] = CStringGetTextDatum(names[e]);
+		values[3] = Int32GetDatum(ranks[e]);
+		fm_spi_run(governance ?
+				   "UPDATE flexmore.experts SET expert_index = $2, rank = $4,"
+				   " updated = CASE WHEN rank = $4 THEN updated ELSE now() END"
+				   " WHERE model_id = $1 AND name = $3" :
+				   "UPDATE flexmore.experts SET expert_index = $2, rank = $4"
+				   " WHERE model_id = $1 AND name = $3",
+				   4, types, values, NULL, false, SPI_OK_UPDATE);
+		if (SPI_processed == 0)
+			fm_storage_insert_expert(model_id, e, names[e], ranks[e]);
+	}
+	values[1] = Int32GetDatum(FM_MAX_EXPERTS);
+	fm_spi_run("DELETE FROM flexmore.experts WHERE model_id = $1 AND expert_index >= $2",
+			   2, types, values, NULL, false, SPI_OK_DELETE);
 }
 
 /* Deletes one tensor and its chunks. */

@@ -247,6 +247,22 @@ void		fm_session_destroy(fm_session *session);
 fm_status	fm_session_set_experts(fm_session *session, const bool *allowed,
 								   fm_error *err);
 
+/*
+ * Routing report: the experts the router chose for one row in one layer,
+ * in the order fm_route selected them (highest weight first), with their
+ * weights.  row is the row's index in its chunk of at most
+ * FM_PROMPT_CHUNK rows; seq and position place it in the session.  Every
+ * layer of a chunk reports all its rows before the next layer, and layer
+ * 0 of a row comes first.  A chunk that is cancelled may have reported
+ * some layers; the caller that starts over discards those reports.
+ */
+typedef void (*fm_route_fn) (void *arg, int32_t row, int32_t seq, int32_t position,
+							 int32_t layer, int32_t n, const int32_t *experts,
+							 const float *weights);
+
+/* Sets the routing report of a session (fn NULL: none, the default). */
+void		fm_session_set_route_hook(fm_session *session, fm_route_fn fn, void *arg);
+
 /* Positions already in the KV cache. */
 int32_t		fm_session_position(const fm_session *session);
 

@@ -336,6 +336,13 @@ fm_session_set_experts(fm_session *session, const bool *allowed, fm_error *err)
 	return FM_OK;
 }
 
+void
+fm_session_set_route_hook(fm_session *session, fm_route_fn fn, void *arg)
+{
+	session->route_hook = fn;
+	session->route_arg = arg;
+}
+
 int32_t
 fm_session_position(const fm_session *session)
 {
@@ -653,6 +660,11 @@ moe_block(fm_session *s, int32_t layer, int32_t n)
 							   s->allowed, c->num_experts, k, c->norm_topk_prob,
 							   s->probs, s->top_expert + (size_t) i * k,
 							   s->top_weight + (size_t) i * k);
+	if (s->route_hook != NULL)
+		for (int32_t i = 0; i < n; i++)
+			s->route_hook(s->route_arg, i, s->row_base[i] / s->context_len, s->row_pos[i],
+						  layer, s->n_top[i], s->top_expert + (size_t) i * k,
+						  s->top_weight + (size_t) i * k);
 
 	memset(s->moe, 0, sizeof(float) * (size_t) n * hidden);
 	public_and_lowrank_experts(s, lw, n);

@@ -19,6 +19,8 @@ struct fm_session
 	int32_t		position;		/* positions already in the KV cache */
 	bool		allowed[FM_MAX_EXPERTS];
 	int32_t		max_rank;		/* largest adapter rank, 0 without adapters */
+	fm_route_fn route_hook;		/* routing report, NULL for none */
+	void	   *route_arg;
 
 	/* KV cache, k after QK-norm and RoPE */
 	float	   *k_cache;		/* [layers, context_len, kv_heads*head_dim] */

@@ -406,6 +406,108 @@ test_chunked_prompt_equals_decode(void)
 	store_free(&s);
 }
 
+/* Routing reports of one forward pass: [position][layer] cells. */
+typedef struct route_log
+{
+	int			reports;
+	int			count[100][2];
+	int32_t		experts[100][2][3];
+	float		weights[100][2][3];
+	bool		order_ok;
+} route_log;
+
+static void
+log_route(void *arg, int32_t row, int32_t seq, int32_t position, int32_t layer,
+		  int32_t n, const int32_t *experts, const float *weights)
+{
+	route_log  *log = arg;
+
+	log->reports++;
+	if (seq != 0 || position < 0 || position >= 100 || layer < 0 || layer >= 2 || n > 3 ||
+		row < 0 || row >= FM_PROMPT_CHUNK)
+	{
+		log->order_ok = false;
+		return;
+	}
+	log->count[position][layer] = n;
+	for (int j = 0; j < n; j++)
+	{
+		log->experts[position][layer][j] = experts[j];
+		log->weights[position][layer][j] = weights[j];
+		if (j > 0 && weights[j] > weights[j - 1])
+			log->order_ok = false;
+	}
+}
+
+/*
+ * The routing report covers every position and layer once, in weight
+ * order, never names an excluded expert, and is the same for a chunked
+ * prompt and for decode steps.
+ */
+static void
+test_route_hook(void)
+{
+	fm_config	c = small_config();
+	store		s = {0};
+	fm_layer_weights layers[2];
+	fm_model	m;
+	fm_session *chunked;
+	fm_session *stepped;
+	fm_error	err;
+	int32_t		ids[100];
+	bool		allowed[4] = {true, false, true, true};
+	static route_log chunked_log;
+	static route_log stepped_log;
+	fm_status	status = FM_OK;
+	bool		excluded_seen = false;
+
+	lcg_state = 3;
+	store_fill(&s, &c);
+	CHECK(bind_model(&m, layers, &s, &c));
+	CHECK(fm_session_create(&m, &fm_malloc_allocator, 128, &chunked, &err) == FM_OK);
+	CHECK(fm_session_create(&m, &fm_malloc_allocator, 128, &stepped, &err) == FM_OK);
+	CHECK(fm_session_set_experts(chunked, allowed, &err) == FM_OK);
+	CHECK(fm_session_set_experts(stepped, allowed, &err) == FM_OK);
+	memset(&chunked_log, 0, sizeof(chunked_log));
+	memset(&stepped_log, 0, sizeof(stepped_log));
+	chunked_log.order_ok = stepped_log.order_ok = true;
+	fm_session_set_route_hook(chunked, log_route, &chunked_log);
+	fm_session_set_route_hook(stepped, log_route, &stepped_log);
+
+	for (int i = 0; i < 100; i++)
+		ids[i] = (i * 7 + 3) % 16;
+	CHECK(fm_forward(chunked, ids, 100, NULL, NULL, NULL, &err) == FM_OK);
+	for (int i = 0; i < 100 && status == FM_OK; i++)
+		status = fm_forward(stepped, &ids[i], 1, NULL, NULL, NULL, &err);
+	CHECK(status == FM_OK);
+
+	CHECK(chunked_log.reports == 200);
+	CHECK(chunked_log.order_ok);
+	CHECK(stepped_log.order_ok);
+	for (int p = 0; p < 100; p++)
+		for (int l = 0; l < 2; l++)
+		{
+			CHECK(chunked_log.count[p][l] == 3);
+			for (int j = 0; j < chunked_log.count[p][l]; j++)
+				if (chunked_log.experts[p][l][j] == 1)
+					excluded_seen = true;
+		}
+	CHECK(!excluded_seen);
+	CHECK(memcmp(chunked_log.count, stepped_log.count, sizeof(chunked_log.count)) == 0);
+	CHECK(memcmp(chunked_log.experts, stepped_log.experts, sizeof(chunked_log.experts)) == 0);
+
+	/* without a hook nothing is reported */
+	fm_session_set_route_hook(chunked, NULL, NULL);
+	fm_session_reset(chunked);
+	chunked_log.reports = 0;
+	CHECK(fm_forward(chunked, ids, 10, NULL, NULL, NULL, &err) == FM_OK);
+	CHECK(chunked_log.reports == 0);
+
+	fm_session_destroy(chunked);
+	fm_session_destroy(stepped);
+	store_free(&s);
+}
+
 static int	interrupt_calls;
 
 static bool
@@ -788,6 +890,7 @@ main(void)
 	test_forward_hand_computed();
 	test_lowrank_equals_materialised();
 	test_chunked_prompt_equals_decode();
+	test_route_hook();
 	test_forward_errors();
 	test_session_bytes_cover_every_allocation();
 	test_layout_names_and_tied_embeddings();

@@ -429,19 +429,29 @@ class Model:
             out[:, head, :] = softmax(scores) @ v[:, g, :]
         return out.reshape(n, -1) @ layer["o"].T
 
-    def moe(self, layer, h, allowed):
-        """Compute the mixture of SwiGLU experts over h [n, hidden], returning [n, hidden]."""
+    def moe(self, layer, h, allowed, trace=None):
+        """Compute the mixture of SwiGLU experts over h [n, hidden], returning [n, hidden].
+
+        When trace is a list, (position, chosen experts, weights) is appended
+        for every position.
+        """
         router_logits = h @ layer["router"].T
         out = np.zeros_like(h)
         for t in range(h.shape[0]):
             chosen, weights = self.route(router_logits[t], allowed)
+            if trace is not None:
+                trace.append((t, [int(e) for e in chosen], [float(w) for w in weights]))
             for e, p in zip(chosen, weights):
                 gate, up, down = layer["experts"][e]
                 out[t] += p * (down @ (silu(gate @ h[t]) * (up @ h[t])))
         return out
 
-    def hidden_states(self, ids, allowed=None):
-        """Final-normed hidden states [n, hidden] for every position of ids."""
+    def hidden_states(self, ids, allowed=None, trace=None):
+        """Final-normed hidden states [n, hidden] for every position of ids.
+
+        When trace is a list, moe appends each layer's routing to it, layer
+        after layer.
+        """
         c = self.config
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 1 or len(ids) == 0:
@@ -455,7 +465,7 @@ class Model:
         h = self.weights["embed"][ids].copy()
         for layer in self.weights["layers"]:
             h = h + self.rms_norm(self.attention(layer, h), layer["post_attention_norm"])
-            h = h + self.rms_norm(self.moe(layer, h, allowed), layer["post_feedforward_norm"])
+            h = h + self.rms_norm(self.moe(layer, h, allowed, trace), layer["post_feedforward_norm"])
         return self.rms_norm(h, self.weights["final_norm"])
 
     def logits_all(self, ids, allowed=None):
@@ -464,6 +474,22 @@ class Model:
         allowed is a bool mask over experts (None: all experts).
         """
         return self.hidden_states(ids, allowed) @ self.weights["lm_head"].T
+
+    def routing(self, ids, allowed=None):
+        """Return the router's choices as a list of (position, layer, experts, weights).
+
+        experts are indices in the order route() chose them (highest weight
+        first) and weights their routing weights, one tuple per position and
+        layer, ordered by position and then layer.
+        """
+        trace = []
+        self.hidden_states(ids, allowed, trace)
+        n = len(ids)
+        rows = []
+        for i, (position, experts, weights) in enumerate(trace):
+            rows.append((position, i // n, experts, weights))
+        rows.sort(key=lambda r: (r[0], r[1]))
+        return rows
 
     def expert_mask(self, names):
         """Bool mask over experts from a list of expert names (None: all)."""
@@ -531,6 +557,9 @@ def main(argv=None):
                         "tokenizer.json)")
     parser.add_argument("--ids", type=parse_ids, required=True, help="comma-separated token ids")
     parser.add_argument("--experts", help="comma-separated expert names to allow (default: all)")
+    parser.add_argument("--route", action="store_true",
+                        help="print the routing of every position and layer as JSON "
+                        "([position, layer, expert names, weights] rows) instead of logits")
     parser.add_argument("--greedy", type=int, metavar="N",
                         help="print up to N greedy ids as JSON instead of logits")
     parser.add_argument("--no-eos-stop", action="store_true",
@@ -540,7 +569,11 @@ def main(argv=None):
     try:
         model = Model.load(args.directory)
         allowed = model.expert_mask(args.experts.split(",") if args.experts else None)
-        if args.greedy is not None:
+        if args.route:
+            names = model.config["expert_names"]
+            print(json.dumps([[p, l, [names[e] for e in experts], weights]
+                              for p, l, experts, weights in model.routing(args.ids, allowed)]))
+        elif args.greedy is not None:
             ids, finish = model.greedy(args.ids, args.greedy, allowed,
                                        stop_at_eos=not args.no_eos_stop)
             print(json.dumps({"ids": ids, "finish": finish}))
