@@ -350,6 +350,9 @@ SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION flexmore_cache_entries() FROM PUBLIC;
 REVOKE ALL ON flexmore_cache FROM PUBLIC;
 GRANT SELECT ON flexmore_cache TO pg_read_all_stats;
+-- A view's functions are checked against the querying role, so the view's
+-- readers need EXECUTE on the function behind it too.
+GRANT EXECUTE ON FUNCTION flexmore_cache_entries() TO pg_read_all_stats;
 REVOKE EXECUTE ON FUNCTION flexmore_cache_load(text, text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION flexmore_cache_evict(text) FROM PUBLIC;
 
@@ -506,4 +509,5 @@ SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION flexmore_expert_usage_entries() FROM PUBLIC;
 REVOKE ALL ON flexmore_expert_usage FROM PUBLIC;
 GRANT SELECT ON flexmore_expert_usage TO pg_read_all_stats;
+GRANT EXECUTE ON FUNCTION flexmore_expert_usage_entries() TO pg_read_all_stats;
 REVOKE EXECUTE ON FUNCTION flexmore_expert_usage_reset() FROM PUBLIC;

@@ -147,6 +147,15 @@ SELECT count(*) FROM flexmore_expert_usage;
 SELECT flexmore_expert_usage_reset();
 RESET ROLE;
 
+-- Members of pg_read_all_stats read the usage and cache views, which call
+-- functions whose EXECUTE is checked against the querying role.
+CREATE ROLE regress_gov_stats IN ROLE pg_read_all_stats;
+SET ROLE regress_gov_stats;
+SELECT count(*) >= 0 AS stats_reads_usage FROM flexmore_expert_usage;
+SELECT count(*) >= 0 AS stats_reads_cache FROM flexmore_cache;
+RESET ROLE;
+DROP ROLE regress_gov_stats;
+
 -- flexmore.admin_role applies as to the other administration functions.
 CREATE ROLE regress_gov_admins;
 GRANT EXECUTE ON FUNCTION flexmore_disable_expert(text, text) TO regress_gov_reader;
