@@ -59,8 +59,7 @@ check_same() {
 	expected=$(on primary "$2")
 	actual=$(on standby "$2")
 	if [ -z "$expected" ]; then
-		failed=$((failed + 1))
-		echo "FAILED: $1: no result on the primary"
+		check "$1: a result on the primary" "non-empty" ""
 		return
 	fi
 	check "$1" "$expected" "$actual"
@@ -150,6 +149,15 @@ check "cache load on the standby" "t" "$(on standby "SELECT flexmore_cache_load(
 check "cache evict on the standby" "t" "$(on standby "SELECT flexmore_cache_evict('after') > 0")"
 check_same "after: generation after an evict on the standby matches" \
 	"SELECT flexmore_generate('after', 'hello world', 16)"
+# Usage counters live in shared memory, so calls on a standby are counted
+# there: the tokens counted equal the (position, expert) pairs that
+# flexmore_route reports for the same call.
+on standby "SELECT flexmore_expert_usage_reset()" >/dev/null
+routed=$(on standby "SELECT count(DISTINCT (r.\"position\", e)) FROM flexmore_route('before', 'Alle mennesker er født frie') r, unnest(r.experts) e")
+check "standby counts routed tokens" "$routed" \
+	"$(on standby "SELECT sum(tokens) FROM flexmore_expert_usage WHERE model = 'before'")"
+check "standby counts one call per expert used" "t" \
+	"$(on standby "SELECT bool_and(calls = 1) FROM flexmore_expert_usage WHERE model = 'before'")"
 check "standby still in recovery" "t" "$(on standby "SELECT pg_is_in_recovery()")"
 
 # The standby runs no writes.
