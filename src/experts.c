@@ -100,7 +100,7 @@ fm_edit_open(fm_model_edit *m, const char *name)
 	if (!fm_storage_lock_model(name, &m->row, &m->architecture))
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("model \"%s\" does not exist", name)));
+				 errmsg("model \"%s\" does not exist", fm_quote_name(name))));
 
 	utf8 = fm_text_to_utf8(m->row.config_json, strlen(m->row.config_json), &utf8_len);
 	if (fm_config_parse(utf8, utf8_len, &m->config, &err) != FM_OK)

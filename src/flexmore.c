@@ -408,3 +408,15 @@ fm_utf8_to_text(const char *s, size_t len)
 	pfree(out.data);
 	return result;
 }
+
+const char *
+fm_quote_name(const char *name)
+{
+	int			len = strlen(name);
+	int			keep;
+
+	if (len < NAMEDATALEN)
+		return name;
+	keep = pg_mbcliplen(name, len, NAMEDATALEN - 1);
+	return psprintf("%.*s...", keep, name);
+}

@@ -68,6 +68,14 @@ extern char *fm_text_to_utf8(const char *s, int len, int *out_len);
  */
 extern text *fm_utf8_to_text(const char *s, size_t len);
 
+/*
+ * Returns name for an error message: itself when it is at most
+ * NAMEDATALEN - 1 bytes, else a palloc'd copy cut at a character boundary
+ * within that length and followed by "...", so a huge argument cannot
+ * flood the client and the server log.
+ */
+extern const char *fm_quote_name(const char *name);
+
 /* ---------- storage (storage.c) ---------- */
 
 #define FM_CHUNK_RAW_MAX	((size_t) 64 * 1024 * 1024)

@@ -321,6 +321,6 @@ flexmore_drop_model(PG_FUNCTION_ARGS)
 	if (!found)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("model \"%s\" does not exist", model_name)));
+				 errmsg("model \"%s\" does not exist", fm_quote_name(model_name))));
 	PG_RETURN_VOID();
 }

@@ -325,7 +325,7 @@ fm_expert_find(fm_expert_change *c)
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("model \"%s\" does not exist", c->model_name),
+				 errmsg("model \"%s\" does not exist", fm_quote_name(c->model_name)),
 				 errhint("The models that exist are listed in the flexmore_models view.")));
 	c->model_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
 											  1, &isnull));
@@ -333,7 +333,7 @@ fm_expert_find(fm_expert_change *c)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("expert \"%s\" does not exist in model \"%s\"",
-						c->expert_name, c->model_name),
+						fm_quote_name(c->expert_name), c->model_name),
 				 errhint("The experts of a model are listed in the flexmore_experts view.")));
 }
 

@@ -130,7 +130,7 @@ fm_experts_mask(const fm_cached_model *entry, ArrayType *experts, bool *allowed)
 		if (e == entry->num_experts)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("expert \"%s\" does not exist in model \"%s\"", name, entry->name),
+					 errmsg("expert \"%s\" does not exist in model \"%s\"", fm_quote_name(name), entry->name),
 					 errhint("The expert names are in the expert_names list of the model's config.json, or \"public\" and \"expert_<n>\" when it has none.")));
 		named[e] = true;
 	}

@@ -282,7 +282,7 @@ fm_model_get_internal(const char *name, bool need_weights)
 		}
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
-				 errmsg("model \"%s\" does not exist", name),
+				 errmsg("model \"%s\" does not exist", fm_quote_name(name)),
 				 errhint("The models that exist are listed in the flexmore_models view.")));
 	}
 
@@ -1097,7 +1097,7 @@ flexmore_cache_load(PG_FUNCTION_ARGS)
 				ereport(ERROR,
 						(errcode(ERRCODE_UNDEFINED_OBJECT),
 						 errmsg("expert \"%s\" does not exist in model \"%s\"",
-								name, model_name)));
+								fm_quote_name(name), model_name)));
 			allowed[e] = true;
 		}
 	}
