@@ -76,6 +76,13 @@ SELECT flexmore_logits('gov', ARRAY[5, 17, 42, 99], ARRAY['expert_2']);
 RESET flexmore.expert_access;
 SELECT flexmore_logits('gov', ARRAY[5, 17, 42, 99], ARRAY['expert_1', 'expert_2']);
 RESET ROLE;
+-- An expert the role was never granted reports the missing grant (42501),
+-- even when its consent is also withdrawn.
+SELECT flexmore_expert_set('gov', 'expert_3', consent => 'withdrawn');
+SET ROLE regress_gov_reader;
+SELECT flexmore_logits('gov', ARRAY[5, 17, 42, 99], ARRAY['expert_3']);
+RESET ROLE;
+SELECT flexmore_expert_set('gov', 'expert_3', consent => 'granted');
 SELECT flexmore_revoke_expert('gov', 'public', 'PUBLIC');
 SET ROLE regress_gov_reader;
 SELECT flexmore_logits('gov', ARRAY[5, 17, 42, 99]);

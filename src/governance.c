@@ -152,12 +152,16 @@ fm_governance_read(const fm_cached_model *entry, Oid caller, fm_expert_state *st
 			granted = (grantee == InvalidOid || has_privs_of_role(caller, grantee));
 		}
 
-		if (!consented)
+		/*
+		 * A missing grant comes first: a role without access is told that,
+		 * not the state of an expert it could not use anyway.
+		 */
+		if (!granted)
+			state[e] = FM_EXPERT_NOT_GRANTED;
+		else if (!consented)
 			state[e] = FM_EXPERT_WITHDRAWN;
 		else if (!enabled)
 			state[e] = FM_EXPERT_DISABLED;
-		else if (!granted)
-			state[e] = FM_EXPERT_NOT_GRANTED;
 		else
 			state[e] = FM_EXPERT_USABLE;
 	}
