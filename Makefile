@@ -32,6 +32,12 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# PGXS tracks no header dependencies, so a changed struct in a header would
+# leave stale objects with another layout; every object depends on every
+# header instead (the module rebuilds in well under a minute).
+HEADERS = $(wildcard src/*.h src/engine/*.h src/reader/*.h)
+$(OBJS): $(HEADERS)
+
 # The bundled default model goes to SHAREDIR/flexmore/models/default, where
 # flexmore_import (which reads server files) can find it.
 MODEL_FILES = $(wildcard models/default/*)

@@ -14,7 +14,8 @@ build_install
 
 demo_dir=/tmp/flexmore-demo
 log "starting a throwaway cluster in $demo_dir"
-cluster_start "$demo_dir" 55433 UTF8 C.UTF-8
+cluster_start "$demo_dir" 55433 UTF8 C.UTF-8 \
+	"-c shared_preload_libraries=flexmore -c flexmore.cache_size=256MB"
 [ "$keep" = yes ] || trap 'cluster_stop "$demo_dir"' EXIT
 
 model_dir="$(pg_config --sharedir)/flexmore/models/default"
@@ -27,7 +28,7 @@ SELECT name, architecture, hidden_size, layers, experts, parameters,
 FROM flexmore_models;
 SQL
 
-log "generating completions (greedy, 16 tokens each)"
+log "generating completions (greedy, 16 tokens each) and classifying the language; the bundled model has random weights, so neither is meaningful"
 psql -X -v ON_ERROR_STOP=1 -q <<'SQL'
 CREATE TABLE prompts (id int PRIMARY KEY, lang text, source text, prompt text);
 -- Opening words of public-domain texts and official translations.
@@ -48,8 +49,14 @@ INSERT INTO prompts VALUES
 \pset format aligned
 \pset border 2
 SELECT id, lang, prompt,
-       flexmore_generate('default', prompt, max_tokens => 16) AS completion
+       flexmore_generate('default', prompt, max_tokens => 16) AS completion,
+       flexmore_classify('default', prompt, ARRAY['da', 'en']) AS classified
 FROM prompts ORDER BY id;
+
+-- One copy of the weights in shared memory serves every connection.
+SELECT model, kind, coalesce(expert, CASE kind WHEN 'weights' THEN 'shared part' END) AS item,
+       pg_size_pretty(bytes) AS size, state, hits
+FROM flexmore_cache ORDER BY kind DESC, expert NULLS FIRST;
 SQL
 
 if [ "$keep" = yes ]; then

@@ -44,10 +44,11 @@ build_install() {
 	make -C "$FLEXMORE_ROOT" -s install PG_CONFIG=/usr/bin/pg_config
 }
 
-# cluster_start DIR PORT [ENCODING [LOCALE]]: a throwaway cluster in DIR,
-# owned by postgres, listening only on a unix socket in DIR and on loopback.
+# cluster_start DIR PORT [ENCODING [LOCALE [SERVER_OPTIONS]]]: a throwaway
+# cluster in DIR, owned by postgres, listening only on a unix socket in DIR
+# and on loopback.  SERVER_OPTIONS are extra postgres options ("-c a=b").
 cluster_start() {
-	local dir=$1 port=$2 encoding=${3:-UTF8} locale=${4:-C.UTF-8}
+	local dir=$1 port=$2 encoding=${3:-UTF8} locale=${4:-C.UTF-8} options=${5:-}
 	cluster_stop "$dir" || true
 	rm -rf "$dir"
 	mkdir -p "$dir"
@@ -56,7 +57,7 @@ cluster_start() {
 	su postgres -s /bin/sh -c "$PG_BIN/initdb -D '$dir/data' -E $encoding --locale=$locale -A trust -U postgres" >"$dir/initdb.log" 2>&1 ||
 		{ cat "$dir/initdb.log"; return 1; }
 	su postgres -s /bin/sh -c "$PG_BIN/pg_ctl -D '$dir/data' -w -l '$dir/server.log' \
-		-o \"-p $port -k '$dir' -c listen_addresses=127.0.0.1 -c max_parallel_workers_per_gather=2\" start" >/dev/null ||
+		-o \"-p $port -k '$dir' -c listen_addresses=127.0.0.1 -c max_parallel_workers_per_gather=2 $options\" start" >/dev/null ||
 		{ cat "$dir/server.log"; return 1; }
 	export PGHOST=$dir PGPORT=$port PGUSER=postgres PGDATABASE=postgres
 }
