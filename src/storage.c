@@ -58,24 +58,34 @@ fm_spi_int64(int row, int col)
 	return DatumGetInt64(d);
 }
 
-bool
-fm_storage_find_model(const char *name, fm_model_row *row)
+/*
+ * Fills *row from columns 1-4 (id, generation, created, config) of the
+ * first row of the last SPI result.
+ */
+static void
+fm_spi_model_row(fm_model_row *row)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1] = {CStringGetTextDatum(name)};
 	bool		isnull;
-
-	fm_spi_run("SELECT id, generation, created, config::text"
-			   " FROM flexmore.models WHERE name = $1",
-			   1, types, values, NULL, true, SPI_OK_SELECT);
-	if (SPI_processed == 0)
-		return false;
 
 	row->id = fm_spi_int64(0, 1);
 	row->generation = fm_spi_int64(0, 2);
 	row->created = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 													 SPI_tuptable->tupdesc, 3, &isnull));
 	row->config_json = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
+}
+
+bool
+fm_storage_find_model(const char *name, fm_model_row *row)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1] = {CStringGetTextDatum(name)};
+
+	fm_spi_run("SELECT id, generation, created, config::text"
+			   " FROM flexmore.models WHERE name = $1",
+			   1, types, values, NULL, true, SPI_OK_SELECT);
+	if (SPI_processed == 0)
+		return false;
+	fm_spi_model_row(row);
 	return true;
 }
 
@@ -537,7 +547,7 @@ fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_name, float 
 
 /*
  * Reads a tensor's stored bytes (in its dtype, little-endian) into dst,
- * which holds t->raw_bytes bytes, with the same checks as
+ * which has room for t->raw_bytes bytes, with the same checks as
  * fm_storage_read_tensor.
  */
 void
@@ -557,7 +567,6 @@ fm_storage_lock_model(const char *name, fm_model_row *row, char **architecture)
 {
 	Oid			types[1] = {TEXTOID};
 	Datum		values[1] = {CStringGetTextDatum(name)};
-	bool		isnull;
 
 	fm_spi_run("SELECT id, generation, created, config::text, architecture"
 			   " FROM flexmore.models WHERE name = $1 FOR UPDATE",
@@ -565,11 +574,7 @@ fm_storage_lock_model(const char *name, fm_model_row *row, char **architecture)
 	if (SPI_processed == 0)
 		return false;
 
-	row->id = fm_spi_int64(0, 1);
-	row->generation = fm_spi_int64(0, 2);
-	row->created = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
-													 SPI_tuptable->tupdesc, 3, &isnull));
-	row->config_json = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
+	fm_spi_model_row(row);
 	*architecture = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5);
 	return true;
 }
