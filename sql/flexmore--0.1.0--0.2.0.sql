@@ -121,7 +121,7 @@ SET search_path = pg_catalog, pg_temp;
 -- ---------- shared weight cache ----------
 -- With flexmore in shared_preload_libraries, model weights live once in
 -- shared memory for every connection (docs/cache.md).  The view lists
--- what the cache holds in every database, so it is readable by
+-- the items of the cache in every database, so it is readable by
 -- pg_read_all_stats rather than PUBLIC; loading and evicting are granted
 -- by a DBA.
 

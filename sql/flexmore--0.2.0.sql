@@ -68,7 +68,7 @@ CREATE TABLE flexmore.tensor_chunks (
 ALTER TABLE flexmore.tensor_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 
 -- The model's tokenizer.json as imported.  It is bytea rather than text
--- because the file is UTF-8 and holds characters (such as the byte-level
+-- because the file is UTF-8 and contains characters (such as the byte-level
 -- alphabet) that a LATIN1 database cannot store as text.
 CREATE TABLE flexmore.tokenizers (
 	model_id bigint PRIMARY KEY REFERENCES flexmore.models (id) ON DELETE CASCADE,
@@ -300,7 +300,7 @@ SET search_path = pg_catalog, pg_temp;
 -- ---------- shared weight cache ----------
 -- With flexmore in shared_preload_libraries, model weights live once in
 -- shared memory for every connection (docs/cache.md).  The view lists
--- what the cache holds in every database, so it is readable by
+-- the items of the cache in every database, so it is readable by
 -- pg_read_all_stats rather than PUBLIC; loading and evicting are granted
 -- by a DBA.
 

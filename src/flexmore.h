@@ -156,7 +156,7 @@ extern void fm_storage_read_tensor(const fm_stored_tensor *t, const char *model_
 /* ---------- per-backend model cache (model_load.c) ---------- */
 
 /*
- * A model as one backend holds it.  Everything lives in cxt, a child of
+ * A model as one backend caches it.  Everything lives in cxt, a child of
  * TopMemoryContext that is deleted when the model is dropped or
  * re-imported.  weights_loaded is false until the first call that needs
  * the forward pass; the tokenizer and expert names are loaded with the

@@ -6,7 +6,7 @@
  *	  the large-object import (import_lo.c) and the expert functions
  *	  (experts.c), which read their files through another fm_import_source.
  *
- * A checkpoint directory holds config.json, tokenizer.json and either
+ * A checkpoint directory contains config.json, tokenizer.json and either
  * model.safetensors or the shards that model.safetensors.index.json lists
  * (the index wins when both exist).  The import runs in two phases:
  *

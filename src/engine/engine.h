@@ -342,7 +342,7 @@ fm_status	fm_forward_hidden(fm_session *session, const int32_t *ids, int32_t n,
  * true (NULL: every id), in double precision after fp32 logits.  Row i
  * has k targets, targets[i * k .. i * k + k); out[i * k + j] receives the
  * log-probability of targets[i * k + j]: NaN for a negative target,
- * -inf for an id outside sampleable.  scratch holds FM_LOGPROB_ROWS *
+ * -inf for an id outside sampleable.  scratch has room for FM_LOGPROB_ROWS *
  * vocab_size floats.  FM_EINVAL for a target id >= vocab_size.
  */
 #define FM_LOGPROB_ROWS 16
@@ -370,11 +370,11 @@ uint64_t	fm_rng_next(fm_rng *rng);
 
 /*
  * Picks the next id from logits[0 .. vocab_size).  Only ids with
- * sampleable[id] true can be picked (ids the tokenizer knows; padded rows
+ * sampleable[id] true can be picked (ids the tokenizer defines; padded rows
  * never); sampleable NULL allows every id.  Temperature 0 is greedy and
  * does not advance rng; greedy ties go to the lowest id.  Otherwise top_k,
  * then top_p, filter the candidates ranked by logit (ties to the lower
- * id).  scratch holds vocab_size floats and vocab_size int32s.  Returns
+ * id).  scratch has room for vocab_size floats and vocab_size int32s.  Returns
  * -1 only when no id is sampleable.
  */
 int32_t		fm_sample(const float *logits, const bool *sampleable, int32_t vocab_size,
@@ -458,10 +458,10 @@ fm_status	fm_tokenizer_encode_ex(const fm_tokenizer *tok, const char *text, size
 fm_status	fm_tokenizer_decode(const fm_tokenizer *tok, const int32_t *ids, int32_t n_ids,
 								char **text, size_t *len, fm_error *err);
 
-/* One past the largest id the tokenizer knows. */
+/* One past the largest id the tokenizer defines. */
 int32_t		fm_tokenizer_id_limit(const fm_tokenizer *tok);
 
-/* True when the tokenizer knows id (vocabulary or added token). */
+/* True when the tokenizer defines id (vocabulary or added token). */
 bool		fm_tokenizer_has_id(const fm_tokenizer *tok, int32_t id);
 
 /*

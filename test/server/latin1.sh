@@ -1,6 +1,6 @@
 #!/bin/bash
 # A LATIN1 database: Danish text crosses the SQL boundary in LATIN1, and
-# the tokenizer sees UTF-8.  Needs the flex_olmo_f32 checkpoint.
+# the tokenizer receives UTF-8.  Needs the flex_olmo_f32 checkpoint.
 set -u
 . "$(dirname "$0")/common.sh"
 
@@ -22,7 +22,7 @@ danish='rødgrød med fløde på æblerne, Ærø og Åbenrå'
 check "danish round trip" "$danish" \
 	"$(q $db "SELECT flexmore_detokenize('m', flexmore_tokenize('m', '$danish'))")"
 
-# Same ids as in a UTF-8 database: the tokenizer sees the same UTF-8 bytes.
+# Same ids as in a UTF-8 database: the tokenizer receives the same UTF-8 bytes.
 ids_latin1=$(q $db "SELECT flexmore_tokenize('m', '$danish')")
 check "same ids as UTF-8" "$(q $udb "SELECT flexmore_tokenize('m', '$danish')")" "$ids_latin1"
 check "ids for æ are two bytes" "2" "$(q $db "SELECT array_length(flexmore_tokenize('m', 'æ'), 1)")"
