@@ -103,6 +103,17 @@ engine-check: $(ENGINE_TESTS) $(TOOLS)
 	done; \
 	echo "$$p passed, $$f failed"; [ $$f -eq 0 ]
 
+# The engine benchmark (bench/engine_bench.c): throughput per weight
+# format on a checkpoint directory, memory bandwidth and matrix product
+# rates.  Not part of the tests.
+ENGINE_BENCH = $(BUILD)/engine-bench
+$(ENGINE_BENCH): bench/engine_bench.c $(BUILD)/libfmengine.a
+	@mkdir -p $(dir $@)
+	$(TOOL_CC) $(FE_CFLAGS) -o $@ $< $(BUILD)/libfmengine.a $(FE_LIBS)
+
+.PHONY: engine-bench
+engine-bench: $(ENGINE_BENCH)
+
 clean: clean-build
 clean-build:
 	rm -rf $(BUILD)
@@ -141,3 +152,25 @@ bench-classify: install
 .PHONY: bench-import
 bench-import: install
 	bash bench/import.sh
+
+# ---------- speed benchmark, not part of the tests ----------
+
+# Builds the measurement programs into build/bench, then runs bench/run.sh:
+# synthetic checkpoints with FlexOlmo's layer shapes, the engine's decode
+# and prompt speed against the measured memory bandwidth and sgemm rate,
+# and llama.cpp on the same model (see docs/performance.md).  Needs no
+# server and installs nothing.
+BENCH_PROGRAMS = $(ENGINE_BENCH) $(BUILD)/bench/membw $(BUILD)/bench/sgemm_timer
+
+$(BUILD)/bench/membw: bench/membw.c
+	@mkdir -p $(dir $@)
+	$(TOOL_CC) -std=gnu11 -O3 -march=native -Wall -o $@ $< -lpthread
+
+$(BUILD)/bench/sgemm_timer: bench/sgemm_timer.c
+	@mkdir -p $(dir $@)
+	$(TOOL_CC) -std=gnu11 -O2 -Wall -o $@ $< $(DEPS_CFLAGS) $(DEPS_LIBS)
+
+.PHONY: bench bench-programs
+bench-programs: $(BENCH_PROGRAMS)
+bench: bench-programs $(BUILD)/tools/flexmore-run
+	bash bench/run.sh

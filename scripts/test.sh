@@ -67,6 +67,9 @@ chmod -R a+rX "$models"
 run_stage engine-vs-reference /usr/bin/python3 test/model/compare.py --all-presets "$models" --tokenizer $cl100k --backend cli
 run_stage engine-valgrind valgrind --error-exitcode=3 --leak-check=full --errors-for-leak-kinds=definite \
 	build/test/test_model
+# valgrind does not emulate AVX-512, so this runs the AVX2 and C kernels of every weight format.
+run_stage engine-valgrind-formats valgrind --error-exitcode=3 --leak-check=full \
+	--errors-for-leak-kinds=definite build/test/test_formats
 # libFuzzer targets for the safetensors header parser and the tokenizer.json
 # loader, 30 s each (FUZZ_SECONDS).
 run_stage fuzz bash test/fuzz/run.sh "$models"

@@ -307,7 +307,7 @@ SET search_path = pg_catalog, pg_temp;
 CREATE FUNCTION flexmore_cache_entries(
 	OUT dbid oid, OUT model text, OUT expert text, OUT bytes bigint,
 	OUT generation bigint, OUT state text, OUT users int, OUT hits bigint,
-	OUT last_used timestamptz, OUT kind text)
+	OUT last_used timestamptz, OUT kind text, OUT format text)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'flexmore_cache_entries'
 LANGUAGE C VOLATILE PARALLEL SAFE ROWS 100
@@ -316,7 +316,9 @@ SET search_path = pg_catalog, pg_temp;
 -- One row per cached item: the shared part of a model (expert NULL) or one
 -- expert, both of kind 'weights', or the model's parsed tokenizer (kind
 -- 'tokenizer', expert NULL).  users counts the pins of running calls; hits
--- counts the pins that found the item already loaded.
+-- counts the pins that found the item already loaded.  format is the
+-- weight format of a weights item (flexmore.weight_format when it was
+-- loaded), NULL for the tokenizer.
 CREATE VIEW flexmore_cache AS
 SELECT d.datname AS database,
 	   c.model,
@@ -327,7 +329,8 @@ SELECT d.datname AS database,
 	   c.users,
 	   c.hits,
 	   c.last_used,
-	   c.kind
+	   c.kind,
+	   c.format
 FROM flexmore_cache_entries() c
 LEFT JOIN pg_catalog.pg_database d ON d.oid = c.dbid;
 

@@ -2,7 +2,7 @@
  *
  * cache.c
  *	  The shared-memory weight cache: every backend of the server reads
- *	  the same fp32 copy of a model's weights.
+ *	  the same copy of a model's weights, in each weight format in use.
  *
  * Design.  The cache lives in the main shared memory segment, reserved at
  * server start (flexmore.cache_size; a change needs a restart).  The main
@@ -328,7 +328,7 @@ key_equal(const fm_cache_key *a, const fm_cache_key *b)
 {
 	return a->dbid == b->dbid && a->model_id == b->model_id &&
 		a->generation == b->generation && a->created == b->created &&
-		a->expert == b->expert && a->kind == b->kind;
+		a->expert == b->expert && a->kind == b->kind && a->format == b->format;
 }
 
 /* Not inlined: fm_cache_pin calls it inside PG_TRY, where gcc would warn. */
@@ -747,7 +747,8 @@ fm_cache_xact_callback(XactEvent event, void *arg)
 /*
  * flexmore_cache_entries() returns one row per item: database oid, model,
  * expert (NULL for the shared part and the tokenizer), bytes, generation,
- * state, users (pins), hits, last_used, kind ("weights" or "tokenizer").  The flexmore_cache view joins the database
+ * state, users (pins), hits, last_used, kind ("weights" or "tokenizer"),
+ * format (of weights items; NULL for the tokenizer).  The flexmore_cache view joins the database
  * name.  Returns no rows without the shared cache.
  */
 Datum
@@ -770,8 +771,8 @@ flexmore_cache_entries(PG_FUNCTION_ARGS)
 
 	for (int i = 0; i < n; i++)
 	{
-		Datum		values[10];
-		bool		nulls[10] = {0};
+		Datum		values[11];
+		bool		nulls[11] = {0};
 
 		values[0] = ObjectIdGetDatum(copy[i].key.dbid);
 		values[1] = CStringGetTextDatum(copy[i].model_name);
@@ -788,6 +789,10 @@ flexmore_cache_entries(PG_FUNCTION_ARGS)
 		values[8] = TimestampTzGetDatum(copy[i].last_used);
 		values[9] = CStringGetTextDatum(copy[i].key.kind == FM_CACHE_TOKENIZER ?
 										"tokenizer" : "weights");
+		if (copy[i].key.kind == FM_CACHE_TOKENIZER)
+			nulls[10] = true;
+		else
+			values[10] = CStringGetTextDatum(fm_weight_format_name((fm_weight_format) copy[i].key.format));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	pfree(copy);

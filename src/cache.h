@@ -20,6 +20,8 @@
 extern int	flexmore_cache_size;	/* MB of weights; 0 turns the cache off */
 extern char *flexmore_prewarm;	/* "db.model, db.model" or empty */
 extern int	flexmore_threads;
+extern int	flexmore_weight_format;	/* fm_weight_format */
+extern int	flexmore_max_total_threads;	/* 0: no limit */
 
 /* What a cached item contains. */
 typedef enum fm_cache_kind
@@ -35,7 +37,8 @@ typedef enum fm_cache_kind
  * expert -1.  generation and created together name one import: a re-import raises the
  * generation, and created (the importing transaction's start time) tells
  * apart two imports that an aborted transaction left with the same id and
- * generation.
+ * generation.  Weights items of one import in different formats
+ * (flexmore.weight_format) are different items.
  */
 typedef struct fm_cache_key
 {
@@ -45,6 +48,7 @@ typedef struct fm_cache_key
 	TimestampTz created;
 	int32		expert;			/* -1 for the shared part and the tokenizer */
 	int32		kind;			/* fm_cache_kind */
+	int32		format;			/* fm_weight_format of weights items; 0 for the tokenizer */
 } fm_cache_key;
 
 #define FM_CACHE_SHARED_PART	(-1)
@@ -122,5 +126,20 @@ extern void fm_blas_ensure(void);
 
 /* Applies flexmore.threads to the engine pool and to OpenBLAS if loaded. */
 extern void fm_blas_set_threads(int n);
+
+/* ---------- server-wide thread cap (blas.c) ---------- */
+
+/* Reserves and attaches the shared thread counter; from the shmem hooks. */
+extern void fm_threads_shmem_request(void);
+extern void fm_threads_shmem_startup(void);
+
+/*
+ * Takes this call's compute threads: flexmore.threads, fewer when
+ * flexmore.max_total_threads would be exceeded, but at least one.  The
+ * threads count against the cap until the current resource owner is
+ * released or the backend exits.  Does nothing while this backend already
+ * has threads counted.
+ */
+extern void fm_threads_begin_call(void);
 
 #endif							/* FLEXMORE_CACHE_H */

@@ -40,6 +40,15 @@ int			flexmore_max_call_memory = 1024 * 1024;	/* kB, so 1 GB */
 int			flexmore_cache_size = 1024; /* MB */
 char	   *flexmore_prewarm = NULL;
 int			flexmore_threads = 1;
+int			flexmore_weight_format = FM_WEIGHTS_F32;
+int			flexmore_max_total_threads = 0;
+
+static const struct config_enum_entry weight_format_options[] = {
+	{"f32", FM_WEIGHTS_F32, false},
+	{"bf16", FM_WEIGHTS_BF16, false},
+	{"q8", FM_WEIGHTS_Q8, false},
+	{NULL, 0, false}
+};
 
 void		_PG_init(void);
 
@@ -53,6 +62,7 @@ fm_shmem_request(void)
 		prev_shmem_request_hook();
 	fm_cache_shmem_request();
 	fm_usage_shmem_request();
+	fm_threads_shmem_request();
 }
 
 static void
@@ -62,6 +72,7 @@ fm_shmem_startup(void)
 		prev_shmem_startup_hook();
 	fm_cache_shmem_startup();
 	fm_usage_shmem_startup();
+	fm_threads_shmem_startup();
 }
 
 static void
@@ -108,6 +119,22 @@ _PG_init(void)
 							1, 1, FM_MAX_THREADS,
 							PGC_SUSET, 0,
 							NULL, fm_assign_threads, NULL);
+
+	DefineCustomEnumVariable("flexmore.weight_format",
+							 "Format of the weight matrices a call computes with: f32, bf16 or q8.",
+							 "Weights are converted from the stored tensors when loaded; each format is cached separately. bf16 needs 2 and q8 about 1.25 bytes per weight against 4 for f32, at a small loss of accuracy.",
+							 &flexmore_weight_format,
+							 FM_WEIGHTS_F32, weight_format_options,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomIntVariable("flexmore.max_total_threads",
+							"Maximum compute threads of all running flexmore calls together; 0 means no limit.",
+							"Needs flexmore in shared_preload_libraries. A call always gets at least its own backend's thread.",
+							&flexmore_max_total_threads,
+							0, 0, 1024 * 1024,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
 
 	/*
 	 * NB: PostgreSQL raises FATAL when a PGC_POSTMASTER setting is defined

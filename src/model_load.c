@@ -177,90 +177,8 @@ fm_model_build(const char *name, const fm_model_row *row)
 	return entry;
 }
 
-static int
-fm_stored_tensor_cmp(const void *a, const void *b)
-{
-	return strcmp(((const fm_stored_tensor *) a)->name,
-				  ((const fm_stored_tensor *) b)->name);
-}
-
-/* Name-sorted fp32 tensors that fm_layout_bind looks up. */
-typedef struct fm_loaded_tensors
-{
-	int			n;
-	fm_stored_tensor *stored;
-	float	  **data;
-} fm_loaded_tensors;
-
-static const float *
-fm_lookup_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape)
-{
-	fm_loaded_tensors *lt = (fm_loaded_tensors *) arg;
-	int			lo = 0;
-	int			hi = lt->n - 1;
-
-	while (lo <= hi)
-	{
-		int			mid = lo + (hi - lo) / 2;
-		int			c = strcmp(name, lt->stored[mid].name);
-
-		if (c == 0)
-		{
-			*ndim = lt->stored[mid].ndim;
-			for (int d = 0; d < lt->stored[mid].ndim; d++)
-				shape[d] = lt->stored[mid].shape[d];
-			return lt->data[mid];
-		}
-		if (c < 0)
-			hi = mid - 1;
-		else
-			lo = mid + 1;
-	}
-	return NULL;
-}
-
-/*
- * Reads every tensor of the entry's model, converts it to fp32 into the
- * entry's context and binds the weights.  On error the caller deletes the
- * entry.  Runs inside SPI as the extension owner.
- */
-static void
-fm_model_load_weights(fm_cached_model *entry)
-{
-	fm_loaded_tensors lt;
-	fm_error	err = {0};
-	const fm_config *c = &entry->model.config;
-
-	lt.stored = fm_storage_list_tensors(entry->id, &lt.n);
-	/* The query sorts in the database collation; the lookup needs strcmp order. */
-	qsort(lt.stored, lt.n, sizeof(fm_stored_tensor), fm_stored_tensor_cmp);
-	lt.data = MemoryContextAllocZero(entry->cxt, sizeof(float *) * Max(lt.n, 1));
-
-	for (int i = 0; i < lt.n; i++)
-	{
-		fm_stored_tensor *t = &lt.stored[i];
-		size_t		numel = t->raw_bytes / fm_dtype_size(t->dtype);
-
-		CHECK_FOR_INTERRUPTS();
-		lt.data[i] = MemoryContextAllocExtended(entry->cxt, Max(numel, 1) * sizeof(float),
-												MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
-		if (lt.data[i] == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory loading model \"%s\"", entry->name),
-					 errdetail("Failed on a request of %zu bytes for tensor \"%s\".",
-							   numel * sizeof(float), t->name)));
-		fm_storage_read_tensor(t, entry->name, lt.data[i]);
-	}
-
-	entry->layers = MemoryContextAllocZero(entry->cxt,
-										   sizeof(fm_layer_weights) * c->num_hidden_layers);
-	if (fm_layout_bind(&entry->model, entry->layers, fm_lookup_tensor, &lt, &err) != FM_OK)
-		fm_raise(&err, psprintf("model \"%s\"", entry->name));
-	if (fm_model_validate(&entry->model, &err) != FM_OK)
-		fm_raise(&err, psprintf("model \"%s\"", entry->name));
-	entry->weights_loaded = true;
-}
+static void fm_model_load_weights(fm_cached_model *entry);
+static bool fm_private_weights_current(const fm_cached_model *entry);
 
 /*
  * Does the lookup and loading of fm_model_get.  Runs inside SPI as the
@@ -305,7 +223,7 @@ fm_model_get_internal(const char *name, bool need_weights)
 	else if (fm_cache_enabled())
 		fm_tokenizer_pin(entry);
 
-	if (need_weights && !entry->weights_loaded && !fm_cache_enabled())
+	if (need_weights && !fm_private_weights_current(entry) && !fm_cache_enabled())
 	{
 		PG_TRY();
 		{
@@ -349,7 +267,7 @@ fm_model_get(const char *name, bool need_weights)
 /* ---------- the shared weight cache ---------- */
 
 #define FM_ITEM_MAGIC		0x4943464du	/* "MFCI" read as little-endian */
-#define FM_ITEM_VERSION		1
+#define FM_ITEM_VERSION		2
 #define FM_ITEM_NAME_LEN	128
 #define FM_ITEM_ALIGN		64
 
@@ -364,13 +282,19 @@ typedef struct fm_item_header
 	uint64		bytes;			/* whole item, header included */
 } fm_item_header;
 
-/* One tensor of an item; data is at offset bytes from the item start. */
+/*
+ * One tensor of an item; data is at offset bytes from the item start, in
+ * format (fm_weight_format: f32 for vectors and routers, else as
+ * fm_layout_tensor_format decides for the item's format).
+ */
 typedef struct fm_item_tensor
 {
 	char		name[FM_ITEM_NAME_LEN];
 	int32		ndim;
+	int32		format;
 	int64		shape[FM_MAX_DIMS];
 	uint64		offset;
+	uint64		bytes;
 } fm_item_tensor;
 
 /*
@@ -389,6 +313,7 @@ typedef struct fm_item_plan
 {
 	fm_cached_model *entry;
 	int32		expert;
+	fm_weight_format format;	/* requested for the item's matrices */
 	int			n;
 	fm_item_part *parts;		/* sorted by dir.name */
 	Size		bytes;
@@ -404,6 +329,15 @@ typedef struct fm_cache_binding
 	ResourceOwner pin_owner;
 	bool		bound;
 	const char *bound_items[FM_MAX_EXPERTS + 1];	/* [0] shared, [e + 1] expert e */
+	fm_weight_format bound_format;	/* items of another format may reuse an address */
+
+	/*
+	 * Without the shared cache: the items' allocations in the entry's
+	 * context ([0] shared, [e + 1] expert e), and their format.
+	 */
+	bool		private_loaded;
+	char	   *private_items[FM_MAX_EXPERTS + 1];
+	fm_weight_format private_format;
 
 	/* the tokenizer item: its latest pin and the image entry->tokenizer reads */
 	int			tokenizer_pin;	/* -1 for none */
@@ -499,6 +433,14 @@ fm_plan_add(fm_item_plan *plan, const fm_stored_tensor *src, const char *name,
 	}
 	p->src_start = src_start;
 	p->numel = numel;
+	p->dir.format = fm_layout_tensor_format(name, ndim, shape, plan->format);
+	p->dir.bytes = p->dir.format == FM_WEIGHTS_F32 ? numel * sizeof(float) :
+		fm_matrix_bytes(p->dir.format, shape[0], shape[1]);
+	if (p->dir.bytes == SIZE_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("tensor \"%s\" of model \"%s\" is too large for format %s",
+						name, plan->entry->name, fm_weight_format_name(p->dir.format))));
 }
 
 /* Adds expert e's slices of a fused tensor to plan. */
@@ -540,16 +482,18 @@ fm_plan_add_fused(fm_item_plan *plan, const fm_stored_tensor *t, int kind, int l
 
 /*
  * Lists the tensors of one item (expert -1: the shared part) with their
- * place in it, and its size.  Allocated in the current context.
+ * place and format in it, and its size.  Allocated in the current context.
  */
 static void
-fm_plan_item(fm_cached_model *entry, int32 expert, fm_item_plan *plan)
+fm_plan_item(fm_cached_model *entry, int32 expert, fm_weight_format format,
+			 fm_item_plan *plan)
 {
 	fm_cache_binding *b = entry->binding;
 	Size		offset;
 
 	plan->entry = entry;
 	plan->expert = expert;
+	plan->format = format;
 	plan->n = 0;
 	plan->parts = palloc(sizeof(fm_item_part) * (2 * b->n_tensors + 1));
 
@@ -576,16 +520,17 @@ fm_plan_item(fm_cached_model *entry, int32 expert, fm_item_plan *plan)
 	for (int i = 0; i < plan->n; i++)
 	{
 		plan->parts[i].dir.offset = offset;
-		offset = TYPEALIGN(FM_ITEM_ALIGN, offset + plan->parts[i].numel * sizeof(float));
+		offset = TYPEALIGN(FM_ITEM_ALIGN, offset + plan->parts[i].dir.bytes);
 	}
 	plan->bytes = offset;
 }
 
 /*
- * Writes an item: the directory, then each tensor read from the tables
- * and widened to fp32.  A fused tensor is read whole into private memory
- * and only this expert's slices are copied.  Runs inside SPI as the
- * extension owner; fm_cache_pin frees the item if this raises an error.
+ * Writes an item: the directory, then each tensor read from the tables,
+ * widened to fp32 and converted to its format.  A fused tensor is read
+ * whole into private memory and only this expert's slices are copied.
+ * Runs inside SPI as the extension owner; fm_cache_pin frees the item if
+ * this raises an error.
  */
 static void
 fm_fill_item(void *arg, char *dst, Size bytes)
@@ -595,6 +540,9 @@ fm_fill_item(void *arg, char *dst, Size bytes)
 	fm_item_tensor *dir = (fm_item_tensor *) (dst + sizeof(fm_item_header));
 	MemoryContext scratch = AllocSetContextCreate(CurrentMemoryContext,
 												  "flexmore item load",
+												  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext widened = AllocSetContextCreate(CurrentMemoryContext,
+												  "flexmore item conversion",
 												  ALLOCSET_DEFAULT_SIZES);
 	const fm_stored_tensor *fused_src = NULL;
 	float	   *fused = NULL;
@@ -609,27 +557,40 @@ fm_fill_item(void *arg, char *dst, Size bytes)
 	for (int i = 0; i < plan->n; i++)
 	{
 		const fm_item_part *p = &plan->parts[i];
-		float	   *out = (float *) (dst + p->dir.offset);
+		char	   *out = dst + p->dir.offset;
+		float	   *values = (float *) out;
 		Size		src_numel = p->src->raw_bytes / fm_dtype_size(p->src->dtype);
 
 		CHECK_FOR_INTERRUPTS();
-		if (p->src_start == 0 && p->numel == src_numel)
+		/* other formats are packed from an fp32 copy */
+		if (p->dir.format != FM_WEIGHTS_F32)
 		{
-			fm_storage_read_tensor(p->src, plan->entry->name, out);
-			continue;
+			MemoryContextReset(widened);
+			values = MemoryContextAllocExtended(widened, p->numel * sizeof(float),
+												MCXT_ALLOC_HUGE);
 		}
 
-		if (fused_src != p->src)
+		if (p->src_start == 0 && p->numel == src_numel)
+			fm_storage_read_tensor(p->src, plan->entry->name, values);
+		else
 		{
-			MemoryContextReset(scratch);
-			fused = MemoryContextAllocExtended(scratch, src_numel * sizeof(float),
-											   MCXT_ALLOC_HUGE);
-			fm_storage_read_tensor(p->src, plan->entry->name, fused);
-			fused_src = p->src;
+			if (fused_src != p->src)
+			{
+				MemoryContextReset(scratch);
+				fused = MemoryContextAllocExtended(scratch, src_numel * sizeof(float),
+												   MCXT_ALLOC_HUGE);
+				fm_storage_read_tensor(p->src, plan->entry->name, fused);
+				fused_src = p->src;
+			}
+			memcpy(values, fused + p->src_start, p->numel * sizeof(float));
 		}
-		memcpy(out, fused + p->src_start, p->numel * sizeof(float));
+
+		if (p->dir.format != FM_WEIGHTS_F32)
+			fm_matrix_pack(p->dir.format, values, (int32) p->dir.shape[0],
+						   (int32) p->dir.shape[1], out);
 	}
 	MemoryContextDelete(scratch);
+	MemoryContextDelete(widened);
 
 	/* written last, so a directory is never valid before its data */
 	header->magic = FM_ITEM_MAGIC;
@@ -691,7 +652,8 @@ fm_pin_items(fm_cached_model *entry, const bool *needed, const char **items)
 		key.created = entry->created;
 		key.expert = e;
 		key.kind = FM_CACHE_WEIGHTS;
-		fm_plan_item(entry, e, &plan);
+		key.format = flexmore_weight_format;
+		fm_plan_item(entry, e, (fm_weight_format) flexmore_weight_format, &plan);
 		b->pins[b->n_pins++] = fm_cache_pin(&key, entry->name,
 											e < 0 ? NULL : entry->expert_names[e],
 											plan.bytes, fm_fill_item, &plan, &data);
@@ -723,6 +685,7 @@ typedef struct fm_bind_lookup
 {
 	const fm_cached_model *entry;
 	const char **items;
+	fm_weight_format format;	/* of the items, for absent experts */
 } fm_bind_lookup;
 
 /* Shape of a per-expert tensor from the config, for experts not pinned. */
@@ -750,9 +713,10 @@ fm_absent_shape(const fm_config *c, int32 e, const char *proj, int64 *shape)
 	return false;
 }
 
-/* fm_tensor_lookup_fn over the pinned items. */
-static const float *
-fm_lookup_item_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape)
+/* fm_matrix_lookup_fn over the pinned (or private) items. */
+static const void *
+fm_lookup_item_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape,
+					  fm_weight_format *format)
 {
 	fm_bind_lookup *l = (fm_bind_lookup *) arg;
 	const char *proj = NULL;
@@ -771,7 +735,8 @@ fm_lookup_item_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape
 		if (e < 0 || !fm_absent_shape(&l->entry->model.config, e, proj, shape))
 			return NULL;
 		*ndim = 2;
-		return (const float *) absent_region;
+		*format = fm_layout_tensor_format(name, 2, shape, l->format);
+		return absent_region;
 	}
 
 	header = (const fm_item_header *) item;
@@ -788,7 +753,8 @@ fm_lookup_item_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape
 			*ndim = dir[mid].ndim;
 			for (int d = 0; d < dir[mid].ndim; d++)
 				shape[d] = dir[mid].shape[d];
-			return (const float *) (item + dir[mid].offset);
+			*format = (fm_weight_format) dir[mid].format;
+			return item + dir[mid].offset;
 		}
 		if (cmp < 0)
 			hi = mid - 1;
@@ -800,15 +766,16 @@ fm_lookup_item_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape
 
 /* Points the entry's weights at the pinned items; checks every item header. */
 static void
-fm_bind_items(fm_cached_model *entry, const char **items)
+fm_bind_items(fm_cached_model *entry, const char **items, fm_weight_format format)
 {
 	fm_cache_binding *b = entry->binding;
 	const fm_config *c = &entry->model.config;
-	fm_bind_lookup lookup = {entry, items};
+	fm_bind_lookup lookup = {entry, items, format};
 	fm_error	err = {0};
 	Size		largest = 0;
 
-	if (b->bound && memcmp(b->bound_items, items, sizeof(char *) * (entry->num_experts + 1)) == 0)
+	if (b->bound && b->bound_format == format &&
+		memcmp(b->bound_items, items, sizeof(char *) * (entry->num_experts + 1)) == 0)
 		return;
 
 	for (int e = -1; e < entry->num_experts; e++)
@@ -821,25 +788,100 @@ fm_bind_items(fm_cached_model *entry, const char **items)
 				 entry->name, e);
 	}
 
-	/* the largest expert tensor: [inter, hidden] or a low-rank factor */
-	largest = (Size) c->intermediate_size * c->hidden_size;
+	/*
+	 * The largest expert tensor in any format: [inter, hidden] or a
+	 * low-rank factor, whose panels of 16 rows can make it larger in q8
+	 * than in f32.
+	 */
 	for (int e = 0; e < entry->num_experts; e++)
-		largest = Max(largest, (Size) c->expert_ranks[e] *
-					  Max(c->hidden_size, c->intermediate_size));
-	fm_reserve_absent(Max(largest, 1) * sizeof(float));
+	{
+		int64		r = c->expert_ranks[e] > 0 ? c->expert_ranks[e] : c->intermediate_size;
+		int64		in = Max(c->hidden_size, c->intermediate_size);
+
+		for (int f = FM_WEIGHTS_F32; f <= FM_WEIGHTS_Q8; f++)
+		{
+			Size		bytes = fm_matrix_bytes(fm_matrix_format_for(f, in), r, in);
+
+			if (bytes != SIZE_MAX)
+				largest = Max(largest, bytes);
+		}
+	}
+	fm_reserve_absent(Max(largest, 1));
 
 	b->bound = false;
 	entry->weights_loaded = false;
 	if (entry->layers == NULL)
 		entry->layers = MemoryContextAllocZero(entry->cxt,
 											   sizeof(fm_layer_weights) * c->num_hidden_layers);
-	if (fm_layout_bind(&entry->model, entry->layers, fm_lookup_item_tensor, &lookup, &err) != FM_OK)
+	if (fm_layout_bind_formats(&entry->model, entry->layers, fm_lookup_item_tensor, &lookup,
+							   &err) != FM_OK)
 		fm_raise(&err, psprintf("model \"%s\"", entry->name));
 	if (fm_model_validate(&entry->model, &err) != FM_OK)
 		fm_raise(&err, psprintf("model \"%s\"", entry->name));
 	memcpy(b->bound_items, items, sizeof(char *) * (entry->num_experts + 1));
+	b->bound_format = format;
 	b->bound = true;
 	entry->weights_loaded = true;
+}
+
+/*
+ * Without the shared cache: builds every item (the shared part and each
+ * expert) in the entry's context, in the format of
+ * flexmore.weight_format, and binds the weights to them.  A previous
+ * private copy in another format is freed first; each item is one large
+ * allocation, which the context returns to the system when freed.  On
+ * error the caller deletes the entry.  Runs inside SPI as the extension
+ * owner.
+ */
+static void
+fm_model_load_weights(fm_cached_model *entry)
+{
+	fm_cache_binding *b = fm_binding_get(entry);
+	fm_weight_format format = (fm_weight_format) flexmore_weight_format;
+	const char *items[FM_MAX_EXPERTS + 1];
+
+	entry->weights_loaded = false;
+	b->bound = false;
+	b->private_loaded = false;
+	for (int i = 0; i <= entry->num_experts; i++)
+	{
+		if (b->private_items[i] != NULL)
+			pfree(b->private_items[i]);
+		b->private_items[i] = NULL;
+	}
+	fm_binding_tensors(entry);
+
+	for (int32 e = -1; e < entry->num_experts; e++)
+	{
+		fm_item_plan plan;
+		char	   *mem;
+
+		fm_plan_item(entry, e, format, &plan);
+		mem = MemoryContextAllocExtended(entry->cxt, plan.bytes + FM_ITEM_ALIGN,
+										 MCXT_ALLOC_HUGE | MCXT_ALLOC_NO_OOM);
+		if (mem == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory loading model \"%s\"", entry->name),
+					 errdetail("Failed on a request of %zu bytes of %s weights.",
+							   plan.bytes, fm_weight_format_name(format))));
+		b->private_items[e + 1] = mem;
+		items[e + 1] = (const char *) TYPEALIGN(FM_ITEM_ALIGN, mem);
+		fm_fill_item(&plan, (char *) items[e + 1], plan.bytes);
+		pfree(plan.parts);
+	}
+	fm_bind_items(entry, items, format);
+	b->private_format = format;
+	b->private_loaded = true;
+}
+
+/* True when the entry has private weights in the current format. */
+static bool
+fm_private_weights_current(const fm_cached_model *entry)
+{
+	return entry->weights_loaded && entry->binding != NULL &&
+		entry->binding->private_loaded &&
+		entry->binding->private_format == (fm_weight_format) flexmore_weight_format;
 }
 
 /* Loads every weight into the entry (no shared cache), removing it on failure. */
@@ -877,6 +919,7 @@ fm_model_use_weights(fm_cached_model *entry, const bool *allowed)
 	instr_time	bound;
 
 	INSTR_TIME_SET_CURRENT(start);
+	fm_threads_begin_call();
 
 	/*
 	 * OpenBLAS is loaded only when a product first has enough rows for
@@ -893,7 +936,7 @@ fm_model_use_weights(fm_cached_model *entry, const bool *allowed)
 					 errhint("Add flexmore to shared_preload_libraries and restart the server to share one copy between all connections; flexmore.cache_size sets its size.")));
 			private_notice_sent = true;
 		}
-		if (!entry->weights_loaded)
+		if (!fm_private_weights_current(entry))
 			fm_model_load_private(entry);
 		return;
 	}
@@ -917,7 +960,7 @@ fm_model_use_weights(fm_cached_model *entry, const bool *allowed)
 	SPI_finish();
 	INSTR_TIME_SET_CURRENT(pinned);
 
-	fm_bind_items(entry, items);
+	fm_bind_items(entry, items, (fm_weight_format) flexmore_weight_format);
 	INSTR_TIME_SET_CURRENT(bound);
 
 	/* The parts of a first call's cost that do not depend on the prompt. */
@@ -970,6 +1013,7 @@ fm_tokenizer_pin(fm_cached_model *entry)
 	key.created = entry->created;
 	key.expert = FM_CACHE_SHARED_PART;
 	key.kind = FM_CACHE_TOKENIZER;
+	key.format = 0;
 
 	if (old_pin >= 0)
 		(void) fm_cache_unpin_if_held(old_pin, old_owner);

@@ -17,8 +17,9 @@
  *	  prints, never exits and never longjmps.
  *	- Long loops call the caller's fm_interrupt_fn between layers and
  *	  tokens; when it returns true the engine stops with FM_ECANCELED.
- *	- Weight matrices are row-major [out, in] float arrays, y = W x.
- *	  The engine only reads them: the caller owns and frees them.
+ *	- Weight matrices are fm_matrix descriptors of [out, in] matrices,
+ *	  y = W x, in one of the fm_weight_format layouts.  The engine only
+ *	  reads them: the caller owns and frees them.
  *
  *-------------------------------------------------------------------------
  */
@@ -104,6 +105,107 @@ typedef struct fm_config
 	int32_t		bos_token_id;	/* -1 when absent or null */
 } fm_config;
 
+/* ---------- weight formats (src/engine/formats.c) ---------- */
+
+/*
+ * Storage format of a weight matrix.
+ *
+ * FM_WEIGHTS_F32: row-major float[rows][cols].
+ *
+ * FM_WEIGHTS_BF16: bfloat16 (the top 16 bits of an fp32, rounded to
+ * nearest even) in panels of FM_PANEL_ROWS rows, so one 64-byte vector
+ * contains two neighbouring columns of 16 rows: element (o, k) is uint16 number
+ * ((o / 16) * ceil(cols / 2) + k / 2) * 32 + (o % 16) * 2 + k % 2.  Rows
+ * past the last and the odd column past the last are zero.  Products
+ * round each activation to bfloat16 too, and accumulate in fp32.
+ *
+ * FM_WEIGHTS_Q8: symmetric 8-bit blocks of FM_Q8_BLOCK columns, only for
+ * matrices whose cols is a multiple of FM_Q8_BLOCK.  Per row and block,
+ * scale = max|w| / 127 and q = round(w / scale) in [-127, 127].  With
+ * np = ceil(rows / 16) panels and nb = cols / 32 blocks, the data is
+ * three arrays, one after the other:
+ *	  int8 q[np][nb][8][16][4]: 4 neighbouring columns of 16 rows per 64 bytes
+ *	  float scale[np][nb][16]
+ *	  int32 sum[np][nb][16]: the sum of the block's q, for kernels that
+ *	  offset activations to unsigned bytes
+ * Products quantise each activation block the same way and sum each
+ * block's integer products exactly before scaling.
+ *
+ * The panel layouts let one vector instruction work on 16 output rows at
+ * once, for one decoded token and for prompt chunks alike.
+ */
+typedef enum fm_weight_format
+{
+	FM_WEIGHTS_F32 = 0,
+	FM_WEIGHTS_BF16,
+	FM_WEIGHTS_Q8
+} fm_weight_format;
+
+#define FM_PANEL_ROWS	16
+#define FM_Q8_BLOCK		32
+
+/* Parses "f32", "bf16" or "q8"; false for anything else. */
+bool		fm_weight_format_parse(const char *name, fm_weight_format *out);
+const char *fm_weight_format_name(fm_weight_format format);
+
+/* A weight matrix [rows, cols] in some format; see fm_matrix_view. */
+typedef struct fm_matrix
+{
+	fm_weight_format format;
+	int32_t		rows;
+	int32_t		cols;
+	const void *data;			/* NULL when the matrix is not set */
+	const float *scales;		/* q8 only: scale[np][nb][16] inside data */
+	const int32_t *sums;		/* q8 only: sum[np][nb][16] inside data */
+} fm_matrix;
+
+/*
+ * Returns the format a matrix of cols columns gets when format is
+ * requested: q8 falls back to bf16 when cols is not a multiple of
+ * FM_Q8_BLOCK; f32 and bf16 are always possible.
+ */
+fm_weight_format fm_matrix_format_for(fm_weight_format format, int64_t cols);
+
+/*
+ * Bytes of a [rows, cols] matrix in format, a multiple of 64; SIZE_MAX
+ * when the size overflows or rows or cols is outside [1, INT32_MAX], or
+ * for q8 when cols is not a multiple of FM_Q8_BLOCK.
+ */
+size_t		fm_matrix_bytes(fm_weight_format format, int64_t rows, int64_t cols);
+
+/*
+ * Writes the [rows, cols] row-major fp32 matrix src in format to dst,
+ * which is fm_matrix_bytes long.  The kernels load unaligned, but a
+ * 64-byte aligned dst keeps each vector in one cache line.  Values must
+ * be finite, as the import checks.
+ */
+void		fm_matrix_pack(fm_weight_format format, const float *src, int32_t rows,
+						   int32_t cols, void *dst);
+
+/* Returns the descriptor of data written by fm_matrix_pack (or fp32 rows). */
+fm_matrix	fm_matrix_view(fm_weight_format format, const void *data, int32_t rows,
+						   int32_t cols);
+
+/* Returns an f32 descriptor of a row-major float matrix. */
+fm_matrix	fm_matrix_f32(const float *data, int32_t rows, int32_t cols);
+
+/* Writes row `row` of m, dequantised to fp32, to out[cols]. */
+void		fm_matrix_row(const fm_matrix *m, int32_t row, float *out);
+
+/*
+ * The kernel set chosen from the CPU at first use: "avx512bf16" (AVX-512
+ * F, BW, VL, VNNI and BF16), "avx2" (AVX2 and FMA) or "c" (plain C).
+ */
+const char *fm_kernel_isa(void);
+
+/*
+ * Restricts the kernels to a set no higher than the CPU's: "avx512bf16",
+ * "avx2" or "c".  Returns false, changing nothing, for an unknown name
+ * or a set the CPU lacks.  For tests and benchmarks; call it from the
+ * thread that runs the engine, between products.
+ */
+bool		fm_force_isa(const char *name);
+
 /*
  * One expert's SwiGLU FFN.  rank 0: gate/up [inter, hidden], down
  * [hidden, inter].  rank r > 0: a delta on expert 0, W = W0 + B A, with
@@ -112,35 +214,35 @@ typedef struct fm_config
 typedef struct fm_ffn_weights
 {
 	int32_t		rank;
-	const float *gate;
-	const float *up;
-	const float *down;
-	const float *gate_a;
-	const float *gate_b;
-	const float *up_a;
-	const float *up_b;
-	const float *down_a;
-	const float *down_b;
+	fm_matrix	gate;
+	fm_matrix	up;
+	fm_matrix	down;
+	fm_matrix	gate_a;
+	fm_matrix	gate_b;
+	fm_matrix	up_a;
+	fm_matrix	up_b;
+	fm_matrix	down_a;
+	fm_matrix	down_b;
 } fm_ffn_weights;
 
 typedef struct fm_layer_weights
 {
-	const float *q_proj;		/* [heads*head_dim, hidden] */
-	const float *k_proj;		/* [kv_heads*head_dim, hidden] */
-	const float *v_proj;		/* [kv_heads*head_dim, hidden] */
-	const float *o_proj;		/* [hidden, heads*head_dim] */
+	fm_matrix	q_proj;			/* [heads*head_dim, hidden] */
+	fm_matrix	k_proj;			/* [kv_heads*head_dim, hidden] */
+	fm_matrix	v_proj;			/* [kv_heads*head_dim, hidden] */
+	fm_matrix	o_proj;			/* [hidden, heads*head_dim] */
 	const float *q_norm;		/* [heads*head_dim] */
 	const float *k_norm;		/* [kv_heads*head_dim] */
 	const float *post_attention_norm;	/* [hidden] */
 	const float *post_feedforward_norm;	/* [hidden] */
-	const float *router;		/* [num_experts, hidden] */
+	const float *router;		/* [num_experts, hidden], always fp32 */
 	fm_ffn_weights experts[FM_MAX_EXPERTS];
 } fm_layer_weights;
 
 typedef struct fm_weights
 {
-	const float *embed_tokens;	/* [vocab, hidden] */
-	const float *lm_head;		/* [vocab, hidden]; == embed_tokens when tied */
+	fm_matrix	embed_tokens;	/* [vocab, hidden] */
+	fm_matrix	lm_head;		/* [vocab, hidden]; == embed_tokens when tied */
 	const float *final_norm;	/* [hidden] */
 	fm_layer_weights *layers;	/* [num_hidden_layers], caller-owned */
 } fm_weights;
@@ -214,6 +316,46 @@ typedef const float *(*fm_tensor_lookup_fn) (void *arg, const char *name,
  */
 fm_status	fm_layout_bind(fm_model *model, fm_layer_weights *layers,
 						   fm_tensor_lookup_fn lookup, void *arg, fm_error *err);
+
+/*
+ * Lookup of one tensor for fm_layout_bind_formats: like
+ * fm_tensor_lookup_fn, and sets *format to the layout of the data.
+ */
+typedef const void *(*fm_matrix_lookup_fn) (void *arg, const char *name,
+											int32_t *ndim, int64_t *shape,
+											fm_weight_format *format);
+
+/*
+ * fm_layout_bind for tensors in any format.  Vectors, routers and fused
+ * expert tensors must be fp32 (FM_EINVAL otherwise); the format of every
+ * other matrix is taken as the lookup reports it.
+ */
+fm_status	fm_layout_bind_formats(fm_model *model, fm_layer_weights *layers,
+								   fm_matrix_lookup_fn lookup, void *arg,
+								   fm_error *err);
+
+/*
+ * Returns the format a checkpoint tensor gets when format is requested:
+ * fp32 for vectors, the routers (mlp.gate.weight) and anything not 2-D,
+ * else fm_matrix_format_for(format, shape[1]).
+ */
+fm_weight_format fm_layout_tensor_format(const char *name, int32_t ndim,
+										 const int64_t *shape,
+										 fm_weight_format format);
+
+/*
+ * Converts every matrix of a bound fp32 model to format (as
+ * fm_layout_tensor_format decides per tensor) into one block from a,
+ * returned in *storage for the caller to free after the model.  dst gets
+ * the config, the vectors and routers of src (shared, not copied) and
+ * layers, which must have room for num_hidden_layers entries.
+ */
+fm_status	fm_model_convert(const fm_model *src, fm_weight_format format,
+							 const fm_allocator *a, fm_model *dst,
+							 fm_layer_weights *layers, void **storage, fm_error *err);
+
+/* Bytes of weights in the model's matrices, vectors and routers. */
+size_t		fm_model_weight_bytes(const fm_model *model);
 
 /* ---------- forward pass (src/engine/model.c) ---------- */
 

@@ -4,9 +4,9 @@
  *	  Reference kernels: matrix-vector product, RMSNorm, RoPE, softmax,
  *	  SiLU, and a BLAS matrix product for prompt chunks.
  *
- * Single-token decode reads each weight once per token, so a plain loop
- * that the compiler vectorises is as fast as BLAS there and keeps the
- * result independent of the BLAS build.  Prompt chunks reuse each weight
+ * Single-token decode reads each weight once per token, so the engine's
+ * own kernels (formats.c) are as fast as BLAS there and keep the result
+ * independent of the BLAS build.  fp32 prompt chunks reuse each weight
  * row across many tokens, which is where sgemm pays.
  *
  * sgemm is called through a pointer (fm_set_sgemm).  The PostgreSQL
@@ -16,7 +16,8 @@
  * (FM_LINK_CBLAS, set by the Makefile for build/) links it directly.
  *
  * A large matvec splits its rows over the compute threads (threads.c);
- * every row is still one sequential sum, so the split never changes y.
+ * every row is still summed in one fixed order, so the split never
+ * changes y.
  *
  *-------------------------------------------------------------------------
  */
@@ -51,13 +52,6 @@ static fm_sgemm_fn sgemm = NULL;
 #define FM_CBLAS_NO_TRANS	111
 #define FM_CBLAS_TRANS		112
 
-/*
- * Rows per thread below which a matvec stays on one thread: waking a
- * thread costs microseconds, about what 64 rows of 1024 floats take.
- */
-#define FM_MATVEC_MIN_ROWS	64
-#define FM_MATVEC_MIN_WORK	((int64_t) 1 << 18)
-
 /* Called once, the first time a product is big enough for sgemm. */
 static fm_sgemm_loader_fn sgemm_loader = NULL;
 static bool sgemm_loader_called = false;
@@ -75,94 +69,18 @@ fm_set_sgemm_loader(fm_sgemm_loader_fn loader)
 	sgemm_loader_called = false;
 }
 
-typedef struct matvec_job
-{
-	float	   *y;
-	const float *w;
-	const float *x;
-	int32_t		in;
-} matvec_job;
-
-/* Computes rows [begin, end) of a matvec; the sum order never changes. */
-static void
-matvec_rows(void *arg, int32_t begin, int32_t end)
-{
-	const matvec_job *job = (const matvec_job *) arg;
-	int32_t		in = job->in;
-
-	for (int32_t o = begin; o < end; o++)
-	{
-		const float *row = job->w + (size_t) o * in;
-		float		sum = 0.0f;
-
-		for (int32_t i = 0; i < in; i++)
-			sum += row[i] * job->x[i];
-		job->y[o] = sum;
-	}
-}
-
 void
 fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t in)
 {
-	matvec_job	job = {y, w, x, in};
-
-	if ((int64_t) out * in < FM_MATVEC_MIN_WORK)
-		matvec_rows(&job, 0, out);
-	else
-		fm_parallel_for(out, FM_MATVEC_MIN_ROWS, matvec_rows, &job);
-}
-
-typedef struct matmul_job
-{
-	float	   *y;
-	const float *x;
-	const float *w;
-	int32_t		rows;
-	int32_t		out;
-	int32_t		in;
-} matmul_job;
-
-/*
- * Computes output columns [begin, end) of a small matmul: each weight row
- * is read once and applied to every input row while it is in cache, and
- * each sum runs in the same order as matvec_rows, so every row of Y is
- * bitwise what fm_matvec would give.
- */
-static void
-matmul_rows(void *arg, int32_t begin, int32_t end)
-{
-	const matmul_job *job = (const matmul_job *) arg;
-	int32_t		in = job->in;
-
-	for (int32_t o = begin; o < end; o++)
-	{
-		const float *row = job->w + (size_t) o * in;
-
-		for (int32_t r = 0; r < job->rows; r++)
-		{
-			const float *xr = job->x + (size_t) r * in;
-			float		sum = 0.0f;
-
-			for (int32_t i = 0; i < in; i++)
-				sum += row[i] * xr[i];
-			job->y[(size_t) r * job->out + o] = sum;
-		}
-	}
+	fm_f32_product(y, x, w, 1, out, in);
 }
 
 void
 fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 		  int32_t out, int32_t in)
 {
-	matmul_job	job = {y, x, w, rows, out, in};
-
 	if (rows <= 0)
 		return;
-	if (rows == 1)
-	{
-		fm_matvec(y, w, x, out, in);
-		return;
-	}
 
 	if (rows >= FM_SGEMM_MIN_ROWS && sgemm == NULL && sgemm_loader != NULL &&
 		!sgemm_loader_called)
@@ -172,10 +90,8 @@ fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 	}
 	if (rows < FM_SGEMM_MIN_ROWS || sgemm == NULL)
 	{
-		if ((int64_t) out * in * rows < FM_MATVEC_MIN_WORK)
-			matmul_rows(&job, 0, out);
-		else
-			fm_parallel_for(out, FM_MATVEC_MIN_ROWS, matmul_rows, &job);
+		/* reads each weight row once for all rows; row r is fm_matvec's result */
+		fm_f32_product(y, x, w, rows, out, in);
 		return;
 	}
 	sgemm(FM_CBLAS_ROW_MAJOR, FM_CBLAS_NO_TRANS, FM_CBLAS_TRANS,

@@ -3,9 +3,10 @@
  * kernels.h
  *	  Numeric kernels of the forward pass, internal to the engine.
  *
- * Each kernel is a plain C reference except fm_matmul, which hands
- * batches of rows to the sgemm set by fm_set_sgemm (OpenBLAS).  Matrices
- * are row-major, [out, in].
+ * Products of weight matrices have a plain C reference and AVX2 and
+ * AVX-512 versions chosen at run time (fm_kernel_isa); fp32 prompt
+ * chunks go to the sgemm set by fm_set_sgemm (OpenBLAS).  Matrices are
+ * [out, in]; fp32 ones are row-major.  The other kernels are plain C.
  *
  *-------------------------------------------------------------------------
  */
@@ -16,11 +17,20 @@
 #include <stdint.h>
 
 /*
- * y[out] = W[out, in] x[in], accumulating in fp32.  Large products split
- * their rows over the compute threads; each row is summed in the same
- * order whatever the thread count, so y is bitwise the same.
+ * y[out] = W[out, in] x[in] for a row-major fp32 W, accumulating in fp32.
+ * Large products split their rows over the compute threads; each row is
+ * summed in the same order whatever the thread count, so y is bitwise
+ * the same.
  */
 void		fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t in);
+
+/*
+ * Y[rows, out] = X[rows, in] W[out, in]^T for a row-major fp32 W with the
+ * engine's own kernels, never sgemm: each output row is bitwise
+ * fm_matvec's result for that row.
+ */
+void		fm_f32_product(float *y, const float *x, const float *w, int32_t rows,
+						   int32_t out, int32_t in);
 
 /*
  * Y[rows, out] = X[rows, in] W[out, in]^T.  One row goes through
@@ -32,6 +42,65 @@ void		fm_matvec(float *y, const float *w, const float *x, int32_t out, int32_t i
  */
 void		fm_matmul(float *y, const float *x, const float *w, int32_t rows,
 					  int32_t out, int32_t in);
+
+/*
+ * Bytes of the scratch fm_matmul_w needs for rows rows of cols
+ * activations in any format (a multiple of 64).
+ */
+size_t		fm_matmul_scratch_bytes(int32_t rows, int32_t cols);
+
+/*
+ * Y[rows, w->rows] = X[rows, w->cols] W^T for a matrix in any format.
+ * f32 goes through fm_matmul.  bf16 and q8 first encode X into scratch
+ * (fm_matmul_scratch_bytes long) as their format describes, then split
+ * W's panels over the compute threads.  Every output is summed in one
+ * fixed order, so Y is bitwise the same for every thread count and every
+ * row count.  Only the kernel set (fm_kernel_isa) changes the order.
+ */
+void		fm_matmul_w(float *y, const float *x, const fm_matrix *w, int32_t rows,
+						void *scratch);
+
+/* ---------- kernel sets (formats.c, kernels_x86.c) ---------- */
+
+typedef enum fm_isa
+{
+	FM_ISA_C = 0,
+	FM_ISA_AVX2,
+	FM_ISA_AVX512BF16
+} fm_isa;
+
+/* The kernel set in use: the CPU's best unless fm_force_isa lowered it. */
+fm_isa		fm_isa_current(void);
+
+/*
+ * One product for the range kernels: y[r * ldy + o] for rows r of the
+ * activations.  These are fp32 rows of cols in x for f32 matrices, else
+ * encoded rows xq_stride bytes apart in xq.  A bf16 row is uint32 pairs
+ * of bfloat16 values, a q8 row is int8 q[cols] and then float
+ * scale[cols / 32].
+ */
+typedef struct fm_mm_job
+{
+	float	   *y;
+	int32_t		ldy;
+	int32_t		rows;
+	const float *x;
+	const uint8_t *xq;
+	size_t		xq_stride;
+	const fm_matrix *w;
+} fm_mm_job;
+
+/* Computes output rows [begin, end) of an f32 product, or panels of a bf16 or q8 one. */
+typedef void (*fm_mm_range_fn) (const fm_mm_job *job, int32_t begin, int32_t end);
+
+#if defined(__x86_64__)
+void		fm_f32_rows_avx2(const fm_mm_job *job, int32_t begin, int32_t end);
+void		fm_bf16_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end);
+void		fm_q8_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end);
+void		fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
+void		fm_bf16_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
+void		fm_q8_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
+#endif
 
 /* y[n] = w[n] * x[n] / sqrt(mean(x^2) + eps); y may alias x. */
 void		fm_rmsnorm(float *y, const float *x, const float *w, int32_t n, double eps);

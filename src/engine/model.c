@@ -32,6 +32,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "engine/engine.h"
@@ -60,6 +61,21 @@ config_max_rank(const fm_config *c)
 		if (c->expert_ranks[e] > max_rank)
 			max_rank = c->expert_ranks[e];
 	return max_rank;
+}
+
+/* Maximum input columns of any weight product, which sizes the scratch of fm_matmul_w. */
+static int32_t
+config_max_cols(const fm_config *c)
+{
+	int32_t		cols = c->hidden_size;
+
+	if (c->intermediate_size > cols)
+		cols = c->intermediate_size;
+	if (c->num_attention_heads * c->head_dim > cols)
+		cols = c->num_attention_heads * c->head_dim;
+	if (config_max_rank(c) > cols)
+		cols = config_max_rank(c);
+	return cols;
 }
 
 /*
@@ -125,6 +141,7 @@ session_layout(const fm_config *c, int32_t n_seq, int32_t context_len, fm_sessio
 	CARVE(seq_position, int32_t, (size_t) n_seq);
 	CARVE(row_base, int32_t, rows);
 	CARVE(row_pos, int32_t, rows);
+	CARVE(mm_scratch, uint8_t, fm_matmul_scratch_bytes((int32_t) rows, config_max_cols(c)));
 #undef CARVE
 
 	return ok ? total : SIZE_MAX;
@@ -191,18 +208,85 @@ validate_config(const fm_config *c, fm_error *err)
 			return fm_set_error(err, FM_EINVAL, __VA_ARGS__); \
 	} while (0)
 
+/*
+ * Checks that a weight matrix is set, has the shape the config implies
+ * and a format that shape allows.  layer is -1 for shared matrices.
+ */
+static fm_status
+check_matrix(const fm_matrix *m, const char *what, int32_t layer, int32_t rows,
+			 int32_t cols, fm_error *err)
+{
+	char		where[48] = "";
+
+	if (layer >= 0)
+		snprintf(where, sizeof(where), "layer %d: ", layer);
+	if (m->data == NULL)
+		return fm_set_error(err, FM_EINVAL, "%sweight %s is not set", where, what);
+	if (m->rows != rows || m->cols != cols)
+		return fm_set_error(err, FM_EINVAL, "%sweight %s is [%d, %d], expected [%d, %d]",
+							where, what, m->rows, m->cols, rows, cols);
+	if (fm_matrix_bytes(m->format, rows, cols) == SIZE_MAX)
+		return fm_set_error(err, FM_EINVAL, "%sweight %s [%d, %d] cannot be in format %s",
+							where, what, rows, cols, fm_weight_format_name(m->format));
+	return FM_OK;
+}
+
+/* Checks the matrices of one expert against its rank. */
+static fm_status
+check_expert(const fm_config *c, const fm_ffn_weights *f, int32_t l, int32_t e,
+			 fm_error *err)
+{
+	int32_t		h = c->hidden_size;
+	int32_t		i = c->intermediate_size;
+	int32_t		r = f->rank;
+	char		what[64];
+	fm_status	status = FM_OK;
+
+#define EXPERT_MATRIX(field, name, rows, cols) \
+	do { \
+		snprintf(what, sizeof(what), "expert %d %s", e, name); \
+		if (status == FM_OK) \
+			status = check_matrix(&f->field, what, l, rows, cols, err); \
+	} while (0)
+
+	if (r == 0)
+	{
+		EXPERT_MATRIX(gate, "gate_proj", i, h);
+		EXPERT_MATRIX(up, "up_proj", i, h);
+		EXPERT_MATRIX(down, "down_proj", h, i);
+	}
+	else
+	{
+		EXPERT_MATRIX(gate_a, "gate_proj_a", r, h);
+		EXPERT_MATRIX(gate_b, "gate_proj_b", i, r);
+		EXPERT_MATRIX(up_a, "up_proj_a", r, h);
+		EXPERT_MATRIX(up_b, "up_proj_b", i, r);
+		EXPERT_MATRIX(down_a, "down_proj_a", r, i);
+		EXPERT_MATRIX(down_b, "down_proj_b", h, r);
+	}
+#undef EXPERT_MATRIX
+	return status;
+}
+
 fm_status
 fm_model_validate(const fm_model *model, fm_error *err)
 {
 	const fm_config *c = &model->config;
 	const fm_weights *w = &model->weights;
+	int32_t		q_dim;
+	int32_t		kv_dim;
 	fm_status	status;
 
 	if ((status = validate_config(c, err)) != FM_OK)
 		return status;
 
-	REQUIRE_WEIGHT(w->embed_tokens, "weight embed_tokens is not set");
-	REQUIRE_WEIGHT(w->lm_head, "weight lm_head is not set");
+	if ((status = check_matrix(&w->embed_tokens, "embed_tokens", -1, c->vocab_size,
+							   c->hidden_size, err)) != FM_OK ||
+		(status = check_matrix(&w->lm_head, "lm_head", -1, c->vocab_size,
+							   c->hidden_size, err)) != FM_OK)
+		return status;
+	q_dim = c->num_attention_heads * c->head_dim;
+	kv_dim = c->num_key_value_heads * c->head_dim;
 	REQUIRE_WEIGHT(w->final_norm, "weight final norm is not set");
 	REQUIRE_WEIGHT(w->layers, "layer weights are not set");
 
@@ -210,10 +294,11 @@ fm_model_validate(const fm_model *model, fm_error *err)
 	{
 		const fm_layer_weights *lw = &w->layers[l];
 
-		REQUIRE_WEIGHT(lw->q_proj, "layer %d: q_proj is not set", l);
-		REQUIRE_WEIGHT(lw->k_proj, "layer %d: k_proj is not set", l);
-		REQUIRE_WEIGHT(lw->v_proj, "layer %d: v_proj is not set", l);
-		REQUIRE_WEIGHT(lw->o_proj, "layer %d: o_proj is not set", l);
+		if ((status = check_matrix(&lw->q_proj, "q_proj", l, q_dim, c->hidden_size, err)) != FM_OK ||
+			(status = check_matrix(&lw->k_proj, "k_proj", l, kv_dim, c->hidden_size, err)) != FM_OK ||
+			(status = check_matrix(&lw->v_proj, "v_proj", l, kv_dim, c->hidden_size, err)) != FM_OK ||
+			(status = check_matrix(&lw->o_proj, "o_proj", l, c->hidden_size, q_dim, err)) != FM_OK)
+			return status;
 		REQUIRE_WEIGHT(lw->q_norm, "layer %d: q_norm is not set", l);
 		REQUIRE_WEIGHT(lw->k_norm, "layer %d: k_norm is not set", l);
 		REQUIRE_WEIGHT(lw->post_attention_norm,
@@ -230,21 +315,8 @@ fm_model_validate(const fm_model *model, fm_error *err)
 				return fm_set_error(err, FM_EINVAL,
 									"layer %d expert %d: weights have rank %d but the config says %d",
 									l, e, f->rank, c->expert_ranks[e]);
-			if (f->rank == 0)
-			{
-				REQUIRE_WEIGHT(f->gate, "layer %d expert %d: gate_proj is not set", l, e);
-				REQUIRE_WEIGHT(f->up, "layer %d expert %d: up_proj is not set", l, e);
-				REQUIRE_WEIGHT(f->down, "layer %d expert %d: down_proj is not set", l, e);
-			}
-			else
-			{
-				REQUIRE_WEIGHT(f->gate_a, "layer %d expert %d: gate_proj_a is not set", l, e);
-				REQUIRE_WEIGHT(f->gate_b, "layer %d expert %d: gate_proj_b is not set", l, e);
-				REQUIRE_WEIGHT(f->up_a, "layer %d expert %d: up_proj_a is not set", l, e);
-				REQUIRE_WEIGHT(f->up_b, "layer %d expert %d: up_proj_b is not set", l, e);
-				REQUIRE_WEIGHT(f->down_a, "layer %d expert %d: down_proj_a is not set", l, e);
-				REQUIRE_WEIGHT(f->down_b, "layer %d expert %d: down_proj_b is not set", l, e);
-			}
+			if ((status = check_expert(c, f, l, e, err)) != FM_OK)
+				return status;
 		}
 	}
 	return FM_OK;
@@ -378,9 +450,9 @@ attention_block(fm_session *s, int32_t layer, int32_t n)
 	size_t		layer_off = (size_t) layer * s->cache_slots * kv_dim;
 	float		scale = 1.0f / sqrtf((float) hd);
 
-	fm_matmul(s->q, s->x, lw->q_proj, n, q_dim, hidden);
-	fm_matmul(s->k, s->x, lw->k_proj, n, kv_dim, hidden);
-	fm_matmul(s->v, s->x, lw->v_proj, n, kv_dim, hidden);
+	fm_matmul_w(s->q, s->x, &lw->q_proj, n, s->mm_scratch);
+	fm_matmul_w(s->k, s->x, &lw->k_proj, n, s->mm_scratch);
+	fm_matmul_w(s->v, s->x, &lw->v_proj, n, s->mm_scratch);
 
 	/* QK-norm over the whole projection, then RoPE, then into the cache */
 	for (int32_t i = 0; i < n; i++)
@@ -433,7 +505,7 @@ attention_block(fm_session *s, int32_t layer, int32_t n)
 		}
 	}
 
-	fm_matmul(s->proj, s->att, lw->o_proj, n, hidden, q_dim);
+	fm_matmul_w(s->proj, s->att, &lw->o_proj, n, s->mm_scratch);
 	for (int32_t i = 0; i < n; i++)
 	{
 		float	   *a = s->proj + (size_t) i * hidden;
@@ -509,8 +581,8 @@ public_and_lowrank_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 	if (ns == 0)
 		return;
 
-	fm_matmul(s->gate0, s->xs, f0->gate, ns, inter, hidden);
-	fm_matmul(s->up0, s->xs, f0->up, ns, inter, hidden);
+	fm_matmul_w(s->gate0, s->xs, &f0->gate, ns, s->mm_scratch);
+	fm_matmul_w(s->up0, s->xs, &f0->up, ns, s->mm_scratch);
 
 	/* hsum starts as p_0 h_0 (zero for rows that skipped expert 0) */
 	for (int32_t j = 0; j < ns; j++)
@@ -548,10 +620,10 @@ public_and_lowrank_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 			continue;
 
 		/* g_e = g0 + B_g (A_g x), u_e = u0 + B_u (A_u x) */
-		fm_matmul(s->lowrank, s->xe, f->gate_a, ne, r, hidden);
-		fm_matmul(s->gate, s->lowrank, f->gate_b, ne, inter, r);
-		fm_matmul(s->lowrank, s->xe, f->up_a, ne, r, hidden);
-		fm_matmul(s->up, s->lowrank, f->up_b, ne, inter, r);
+		fm_matmul_w(s->lowrank, s->xe, &f->gate_a, ne, s->mm_scratch);
+		fm_matmul_w(s->gate, s->lowrank, &f->gate_b, ne, s->mm_scratch);
+		fm_matmul_w(s->lowrank, s->xe, &f->up_a, ne, s->mm_scratch);
+		fm_matmul_w(s->up, s->lowrank, &f->up_b, ne, s->mm_scratch);
 		for (int32_t m = 0; m < ne; m++)
 		{
 			int32_t		j = s->expert_rows[m];
@@ -569,8 +641,8 @@ public_and_lowrank_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 		swiglu(s->gate, s->up, (size_t) ne * inter);
 
 		/* h_e joins the W_down,0 input; B_d (A_d h_e) goes straight out */
-		fm_matmul(s->lowrank, s->gate, f->down_a, ne, r, inter);
-		fm_matmul(s->down, s->lowrank, f->down_b, ne, hidden, r);
+		fm_matmul_w(s->lowrank, s->gate, &f->down_a, ne, s->mm_scratch);
+		fm_matmul_w(s->down, s->lowrank, &f->down_b, ne, s->mm_scratch);
 		for (int32_t m = 0; m < ne; m++)
 		{
 			int32_t		j = s->expert_rows[m];
@@ -587,7 +659,7 @@ public_and_lowrank_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 		}
 	}
 
-	fm_matmul(s->down, s->hsum, f0->down, ns, hidden, inter);
+	fm_matmul_w(s->down, s->hsum, &f0->down, ns, s->mm_scratch);
 	for (int32_t j = 0; j < ns; j++)
 	{
 		float	   *out = s->moe + (size_t) s->shared_rows[j] * hidden;
@@ -626,10 +698,10 @@ full_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 		if (ne == 0)
 			continue;
 
-		fm_matmul(s->gate, s->xe, f->gate, ne, inter, hidden);
-		fm_matmul(s->up, s->xe, f->up, ne, inter, hidden);
+		fm_matmul_w(s->gate, s->xe, &f->gate, ne, s->mm_scratch);
+		fm_matmul_w(s->up, s->xe, &f->up, ne, s->mm_scratch);
 		swiglu(s->gate, s->up, (size_t) ne * inter);
-		fm_matmul(s->down, s->gate, f->down, ne, hidden, inter);
+		fm_matmul_w(s->down, s->gate, &f->down, ne, s->mm_scratch);
 		for (int32_t m = 0; m < ne; m++)
 		{
 			float	   *out = s->moe + (size_t) s->expert_rows[m] * hidden;
@@ -697,9 +769,7 @@ forward_rows(fm_session *s, const int32_t *ids, int32_t n, float *hidden_out,
 	int32_t		hidden = c->hidden_size;
 
 	for (int32_t i = 0; i < n; i++)
-		memcpy(s->x + (size_t) i * hidden,
-			   s->model->weights.embed_tokens + (size_t) ids[i] * hidden,
-			   sizeof(float) * hidden);
+		fm_matrix_row(&s->model->weights.embed_tokens, ids[i], s->x + (size_t) i * hidden);
 
 	for (int32_t l = 0; l < c->num_hidden_layers; l++)
 	{
@@ -780,8 +850,8 @@ fm_forward(fm_session *session, const int32_t *ids, int32_t n,
 
 		fm_rmsnorm(session->last, x, session->model->weights.final_norm,
 				   c->hidden_size, c->rms_norm_eps);
-		fm_matvec(logits, session->model->weights.lm_head, session->last,
-				  c->vocab_size, c->hidden_size);
+		fm_matmul_w(logits, session->last, &session->model->weights.lm_head, 1,
+					session->mm_scratch);
 	}
 	return FM_OK;
 }
@@ -940,6 +1010,9 @@ fm_token_logprobs(const fm_model *model, const bool *sampleable, const float *hi
 	const fm_config *c = &model->config;
 	int32_t		vocab = c->vocab_size;
 	int32_t		hidden_size = c->hidden_size;
+	int32_t		step = FM_LOGPROB_ROWS;
+	/* on the stack of the thread that runs the engine: a backend's or a tool's main thread */
+	uint8_t		encoded[64 * 1024] __attribute__((aligned(64)));
 
 	if (n < 0 || k < 1)
 		return fm_set_error(err, FM_EINVAL, "invalid row count %d or targets per row %d", n, k);
@@ -948,13 +1021,31 @@ fm_token_logprobs(const fm_model *model, const bool *sampleable, const float *hi
 			return fm_set_error(err, FM_EINVAL, "target id %d at index %d is outside [0, %d)",
 								targets[i], i, vocab);
 
-	for (int32_t start = 0; start < n; start += FM_LOGPROB_ROWS)
+	/*
+	 * A bf16 or q8 lm_head needs the rows' activations encoded: they go to
+	 * a stack buffer, so as many rows as fit there share one pass over
+	 * lm_head.
+	 */
+	if (model->weights.lm_head.format != FM_WEIGHTS_F32)
 	{
-		int32_t		rows = n - start < FM_LOGPROB_ROWS ? n - start : FM_LOGPROB_ROWS;
+		size_t		row_bytes = fm_matmul_scratch_bytes(1, hidden_size);
+
+		if (row_bytes > sizeof(encoded))
+			return fm_set_error(err, FM_EUNSUPPORTED,
+								"hidden_size %d is too large for a %s lm_head in scoring; use flexmore.weight_format f32",
+								hidden_size, fm_weight_format_name(model->weights.lm_head.format));
+		step = (int32_t) (sizeof(encoded) / row_bytes);
+		if (step > FM_LOGPROB_ROWS)
+			step = FM_LOGPROB_ROWS;
+	}
+
+	for (int32_t start = 0; start < n; start += step)
+	{
+		int32_t		rows = n - start < step ? n - start : step;
 
 		/* logits [rows, vocab] = hidden rows . lm_head^T */
-		fm_matmul(scratch, hidden + (size_t) start * hidden_size, model->weights.lm_head,
-				  rows, vocab, hidden_size);
+		fm_matmul_w(scratch, hidden + (size_t) start * hidden_size, &model->weights.lm_head,
+					rows, encoded);
 
 		for (int32_t r = 0; r < rows; r++)
 		{

@@ -70,6 +70,7 @@ struct fm_session
 	int32_t    *seq_position;	/* [n_seq] positions in each sequence */
 	int32_t    *row_base;		/* [C] first cache slot of each chunk row's sequence */
 	int32_t    *row_pos;		/* [C] position of each chunk row in its sequence */
+	uint8_t    *mm_scratch;		/* activations encoded by fm_matmul_w, C rows */
 };
 
 #endif							/* FLEXMORE_SESSION_H */

@@ -224,15 +224,15 @@ test_forward_hand_computed(void)
 	m.config.num_experts_per_tok = 1;
 	m.config.rms_norm_eps = 1e-6;
 	m.config.rope_theta = 10000.0;
-	layer.q_proj = layer.k_proj = layer.v_proj = layer.o_proj = identity;
+	layer.q_proj = layer.k_proj = layer.v_proj = layer.o_proj = fm_matrix_f32(identity, 2, 2);
 	layer.q_norm = layer.k_norm = ones;
 	layer.post_attention_norm = layer.post_feedforward_norm = ones;
 	layer.router = router;
-	layer.experts[0].gate = gate;
-	layer.experts[0].up = up;
-	layer.experts[0].down = down;
-	m.weights.embed_tokens = embed;
-	m.weights.lm_head = identity;
+	layer.experts[0].gate = fm_matrix_f32(gate, 1, 2);
+	layer.experts[0].up = fm_matrix_f32(up, 1, 2);
+	layer.experts[0].down = fm_matrix_f32(down, 2, 1);
+	m.weights.embed_tokens = fm_matrix_f32(embed, 2, 2);
+	m.weights.lm_head = fm_matrix_f32(identity, 2, 2);
 	m.weights.final_norm = ones;
 	m.weights.layers = &layer;
 
@@ -324,7 +324,7 @@ test_lowrank_equals_materialised(void)
 	CHECK(bind_model(&lowrank_m, lowrank_layers, &lowrank, &c));
 	CHECK(bind_model(&dense_m, dense_layers, &dense, &dense_c));
 	CHECK(lowrank_layers[0].experts[1].rank == 2);
-	CHECK(lowrank_layers[0].experts[1].gate == NULL);
+	CHECK(lowrank_layers[0].experts[1].gate.data == NULL);
 	CHECK(fm_session_create(&lowrank_m, &fm_malloc_allocator, 100, &s1, &err) == FM_OK);
 	CHECK(fm_session_create(&dense_m, &fm_malloc_allocator, 100, &s2, &err) == FM_OK);
 
@@ -655,12 +655,12 @@ test_layout_names_and_tied_embeddings(void)
 	m.config = c;
 	CHECK(fm_layout_bind(&m, layers, store_lookup, &s, &err) == FM_EINVAL);
 	CHECK(strstr(err.message, "lm_head.weight") != NULL);
-	CHECK(m.weights.lm_head == NULL);
+	CHECK(m.weights.lm_head.data == NULL);
 
 	/* tied without lm_head: the embedding serves as the output matrix */
 	c.tie_word_embeddings = true;
 	CHECK(bind_model(&m, layers, &s, &c));
-	CHECK(m.weights.lm_head == m.weights.embed_tokens);
+	CHECK(m.weights.lm_head.data == m.weights.embed_tokens.data);
 	CHECK(fm_model_validate(&m, &err) == FM_OK);
 
 	/* a wrong shape names the tensor and both shapes */
@@ -720,10 +720,10 @@ test_layout_fused_experts(void)
 	}
 
 	CHECK(bind_model(&m, layers, &s, &c));
-	CHECK(layers[1].experts[2].gate == gate_up[1] + 2 * 2 * inter * hidden);
-	CHECK(layers[1].experts[2].up == gate_up[1] + 2 * 2 * inter * hidden + inter * hidden);
-	CHECK(layers[1].experts[2].down == down[1] + 2 * hidden * inter);
-	CHECK(layers[0].experts[0].gate == gate_up[0]);
+	CHECK(layers[1].experts[2].gate.data == gate_up[1] + 2 * 2 * inter * hidden);
+	CHECK(layers[1].experts[2].up.data == gate_up[1] + 2 * 2 * inter * hidden + inter * hidden);
+	CHECK(layers[1].experts[2].down.data == down[1] + 2 * hidden * inter);
+	CHECK(layers[0].experts[0].gate.data == gate_up[0]);
 	CHECK(fm_model_validate(&m, &err) == FM_OK);
 
 	/* a fused tensor of the wrong shape is rejected by name */

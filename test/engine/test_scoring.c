@@ -238,7 +238,7 @@ test_logprobs_hand_computed(void)
 	memset(&m, 0, sizeof(m));
 	m.config.vocab_size = 2;
 	m.config.hidden_size = 2;
-	m.weights.lm_head = identity;
+	m.weights.lm_head = fm_matrix_f32(identity, 2, 2);
 
 	CHECK(fm_token_logprobs(&m, NULL, hidden, 1, targets, 2, out, scratch, &err) == FM_OK);
 	CHECK_NEAR(out[0], -0.62110605, 1e-6);

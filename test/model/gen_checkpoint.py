@@ -122,6 +122,16 @@ LARGE_PRESETS = {
     # One tensor over 1 GiB as stored: the F32 embedding has 100352 x 2752 =
     # 276,168,704 elements, 1,104,674,816 bytes, which the database keeps
     # in 17 chunks of at most 64 MiB and reassembles for the SHA-256 check.
+    # A model large enough that its weights do not fit in a CPU's caches,
+    # for bench/engine_bench.c: 4 layers of hidden 1024, two full-size
+    # experts of 2816 and two low-rank ones, 32000 tied embedding rows.
+    # About 116 million parameters: 232 MB in BF16, 465 MB widened to fp32.
+    "bench_1024": dict(
+        seed=109, layout="factorised", hidden=1024, inter=2816, layers=4, heads=16,
+        kv_heads=4, experts=4, ranks=[0, 64, 16, 0], top_k=2, tie=True, dtype="BF16",
+        vocab_size=32000, max_pos=1024,
+        doc="benchmark model: hidden 1024, 4 layers, experts of ranks 0, 64, 16, 0, "
+            "vocab_size 32000, BF16, tied; --preset only"),
     "huge_f32_embedding": dict(
         seed=108, hidden=2752, layers=1, heads=2, kv_heads=1, head_dim=8, inter=8,
         experts=3, top_k=2, tie=True, dtype="F32", vocab_size=100352, max_pos=160,

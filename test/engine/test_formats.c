@@ -1,0 +1,708 @@
+/*-------------------------------------------------------------------------
+ *
+ * test_formats.c
+ *	  Unit tests of the weight formats (f32, bf16, q8) and of every kernel
+ *	  set the CPU has: packing round trips, products against float64 sums,
+ *	  format error bounds, fallbacks, and bitwise identity across thread
+ *	  and row counts.
+ *
+ * The references are computed here in float64 from the dequantised
+ * weights (fm_matrix_row) and from activations encoded by the rules
+ * engine.h documents, re-implemented below, so a kernel that sums the
+ * wrong elements or scales a block wrongly cannot agree with them.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "engine/engine.h"
+#include "engine/kernels.h"
+#include "testutil.h"
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+
+/* Uniform in [-scale, scale), from a fixed splitmix64 sequence. */
+static float
+random_uniform(float scale)
+{
+	uint64_t	z = (rng_state += 0x9e3779b97f4a7c15ull);
+
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+	z ^= z >> 31;
+	return (float) (((double) (z >> 11) / 9007199254740992.0) * 2.0 - 1.0) * scale;
+}
+
+static void
+fill(float *v, size_t n, float scale)
+{
+	for (size_t i = 0; i < n; i++)
+		v[i] = random_uniform(scale);
+}
+
+static void *
+aligned_block(size_t bytes)
+{
+	void	   *p = NULL;
+
+	if (posix_memalign(&p, 64, bytes == 0 ? 64 : bytes) != 0)
+	{
+		printf("out of memory\n");
+		exit(1);
+	}
+	return p;
+}
+
+/* Nearest bfloat16 of f, ties to even, by comparing both neighbours in float64. */
+static float
+bf16_nearest(float f)
+{
+	uint32_t	u;
+	float		lo;
+	float		hi;
+	uint32_t	lo_bits;
+	uint32_t	hi_bits;
+	double		dlo;
+	double		dhi;
+
+	memcpy(&u, &f, sizeof(u));
+	lo_bits = u & 0xffff0000u;
+	hi_bits = lo_bits + 0x10000u;
+	memcpy(&lo, &lo_bits, sizeof(lo));
+	memcpy(&hi, &hi_bits, sizeof(hi));
+	dlo = fabs((double) f - lo);
+	dhi = fabs((double) f - hi);
+	if (dlo < dhi)
+		return lo;
+	if (dhi < dlo)
+		return hi;
+	return ((lo_bits >> 16) & 1u) == 0 ? lo : hi;
+}
+
+/*
+ * Dequantised q8 activations: per block of 32, scale = max|x| / 127 and
+ * q = round-half-even(x * (127 / max|x|)) in fp32, as engine.h states.
+ */
+static void
+q8_activation(const float *x, int32_t cols, double *out)
+{
+	for (int32_t b = 0; b < cols / FM_Q8_BLOCK; b++)
+	{
+		float		amax = 0.0f;
+
+		for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
+			if (fabsf(x[b * FM_Q8_BLOCK + k]) > amax)
+				amax = fabsf(x[b * FM_Q8_BLOCK + k]);
+		for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
+		{
+			float		scaled;
+			double		q;
+
+			if (amax == 0.0f)
+			{
+				out[b * FM_Q8_BLOCK + k] = 0.0;
+				continue;
+			}
+			scaled = x[b * FM_Q8_BLOCK + k] * (127.0f / amax);
+			q = nearbyint((double) scaled);
+			out[b * FM_Q8_BLOCK + k] = q * (double) (amax / 127.0f);
+		}
+	}
+}
+
+/* ---------- names, sizes, packing ---------- */
+
+static void
+test_format_names(void)
+{
+	fm_weight_format f = FM_WEIGHTS_Q8;
+
+	CHECK(fm_weight_format_parse("f32", &f));
+	CHECK(f == FM_WEIGHTS_F32);
+	CHECK(fm_weight_format_parse("bf16", &f));
+	CHECK(f == FM_WEIGHTS_BF16);
+	CHECK(fm_weight_format_parse("q8", &f));
+	CHECK(f == FM_WEIGHTS_Q8);
+	CHECK(!fm_weight_format_parse("Q8", &f));
+	CHECK(!fm_weight_format_parse("int8", &f));
+	CHECK(!fm_weight_format_parse("", &f));
+	CHECK(strcmp(fm_weight_format_name(FM_WEIGHTS_F32), "f32") == 0);
+	CHECK(strcmp(fm_weight_format_name(FM_WEIGHTS_BF16), "bf16") == 0);
+	CHECK(strcmp(fm_weight_format_name(FM_WEIGHTS_Q8), "q8") == 0);
+}
+
+static void
+test_matrix_bytes(void)
+{
+	/* f32: 4 bytes each, rounded up to 64 */
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_F32, 3, 5) == 64);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_F32, 16, 16) == 1024);
+	/* bf16: one 64-byte vector per 16-row panel and column pair */
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_BF16, 16, 2) == 64);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_BF16, 17, 3) == 2 * 2 * 64);
+	/* q8: 640 bytes per panel and block of 32 columns */
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 16, 32) == 640);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 100, 64) == 7 * 2 * 640);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 16, 33) == SIZE_MAX);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_F32, 0, 4) == SIZE_MAX);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_F32, (int64_t) 1 << 40, 4) == SIZE_MAX);
+	CHECK(fm_matrix_format_for(FM_WEIGHTS_Q8, 64) == FM_WEIGHTS_Q8);
+	CHECK(fm_matrix_format_for(FM_WEIGHTS_Q8, 16) == FM_WEIGHTS_BF16);
+	CHECK(fm_matrix_format_for(FM_WEIGHTS_BF16, 7) == FM_WEIGHTS_BF16);
+
+	{
+		int64_t		shape[2] = {8, 64};
+
+		CHECK(fm_layout_tensor_format("model.layers.0.mlp.gate.weight", 2, shape,
+									  FM_WEIGHTS_Q8) == FM_WEIGHTS_F32);
+		CHECK(fm_layout_tensor_format("model.norm.weight", 1, shape,
+									  FM_WEIGHTS_Q8) == FM_WEIGHTS_F32);
+		CHECK(fm_layout_tensor_format("model.layers.0.self_attn.q_proj.weight", 2, shape,
+									  FM_WEIGHTS_Q8) == FM_WEIGHTS_Q8);
+		shape[1] = 4;
+		CHECK(fm_layout_tensor_format("model.layers.0.mlp.experts.1.up_proj_b.weight", 2,
+									  shape, FM_WEIGHTS_Q8) == FM_WEIGHTS_BF16);
+	}
+}
+
+static void
+test_bf16_round_trip(void)
+{
+	const int32_t rows = 37;
+	const int32_t cols = 45;
+	float	   *w = malloc(sizeof(float) * rows * cols);
+	float	   *row = malloc(sizeof(float) * cols);
+	void	   *packed = aligned_block(fm_matrix_bytes(FM_WEIGHTS_BF16, rows, cols));
+	fm_matrix	m;
+	int			wrong = 0;
+
+	fill(w, (size_t) rows * cols, 3.0f);
+	w[0] = 1.0f + 1.0f / 256.0f;	/* a tie: rounds to even, 1.0 */
+	w[1] = 1.0f + 3.0f / 256.0f;	/* a tie: rounds to even, 1 + 1/64 */
+	fm_matrix_pack(FM_WEIGHTS_BF16, w, rows, cols, packed);
+	m = fm_matrix_view(FM_WEIGHTS_BF16, packed, rows, cols);
+	for (int32_t o = 0; o < rows; o++)
+	{
+		fm_matrix_row(&m, o, row);
+		for (int32_t k = 0; k < cols; k++)
+			if (row[k] != bf16_nearest(w[(size_t) o * cols + k]))
+				wrong++;
+	}
+	CHECK(wrong == 0);
+	fm_matrix_row(&m, 0, row);
+	CHECK(row[0] == 1.0f);
+	CHECK(row[1] == 1.0f + 1.0f / 64.0f);
+	free(w);
+	free(row);
+	free(packed);
+}
+
+static void
+test_q8_round_trip(void)
+{
+	const int32_t rows = 35;
+	const int32_t cols = 96;
+	float	   *w = malloc(sizeof(float) * rows * cols);
+	float	   *row = malloc(sizeof(float) * cols);
+	void	   *packed = aligned_block(fm_matrix_bytes(FM_WEIGHTS_Q8, rows, cols));
+	fm_matrix	m;
+	int			over_bound = 0;
+	int			extremes_exact = 0;
+	int			wrong_sums = 0;
+
+	fill(w, (size_t) rows * cols, 2.0f);
+	/* an all-zero block and a block with one large value */
+	memset(w + 3 * cols, 0, sizeof(float) * FM_Q8_BLOCK);
+	w[4 * cols + 5] = 100.0f;
+	fm_matrix_pack(FM_WEIGHTS_Q8, w, rows, cols, packed);
+	m = fm_matrix_view(FM_WEIGHTS_Q8, packed, rows, cols);
+
+	for (int32_t o = 0; o < rows; o++)
+	{
+		fm_matrix_row(&m, o, row);
+		for (int32_t b = 0; b < cols / FM_Q8_BLOCK; b++)
+		{
+			const float *wb = w + (size_t) o * cols + b * FM_Q8_BLOCK;
+			double		amax = 0.0;
+			int32_t		sum = 0;
+
+			for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
+				amax = fmax(amax, fabs(wb[k]));
+			for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
+			{
+				double		e = fabs((double) row[b * FM_Q8_BLOCK + k] - wb[k]);
+
+				/* half a step of amax / 127, plus fp32 rounding of the scale */
+				if (e > amax / 254.0 * (1.0 + 1e-5) + 1e-30)
+					over_bound++;
+				if (fabs(wb[k]) == amax && amax > 0.0 &&
+					fabs(row[b * FM_Q8_BLOCK + k] - wb[k]) <= amax * 1e-6)
+					extremes_exact++;
+				if (amax > 0.0)
+					sum += (int32_t) nearbyint(row[b * FM_Q8_BLOCK + k] / (amax / 127.0));
+			}
+			{
+				size_t		p = (size_t) o / FM_PANEL_ROWS;
+				size_t		nb = (size_t) cols / FM_Q8_BLOCK;
+
+				if (m.sums[(p * nb + b) * FM_PANEL_ROWS + o % FM_PANEL_ROWS] != sum)
+					wrong_sums++;
+			}
+		}
+	}
+	CHECK(over_bound == 0);
+	CHECK(wrong_sums == 0);
+	/* the largest value of each non-zero block maps to +-127 exactly */
+	CHECK(extremes_exact >= rows * cols / FM_Q8_BLOCK - 1);
+	fm_matrix_row(&m, 3, row);
+	CHECK(row[0] == 0.0f);
+	CHECK(row[FM_Q8_BLOCK - 1] == 0.0f);
+	fm_matrix_row(&m, 4, row);
+	CHECK_NEAR(row[5], 100.0, 1e-4);
+	free(w);
+	free(row);
+	free(packed);
+}
+
+/* ---------- products ---------- */
+
+typedef struct product_case
+{
+	fm_weight_format format;
+	int32_t		out;
+	int32_t		cols;
+	int32_t		rows;
+} product_case;
+
+/*
+ * Checks one product against float64: tightly against the dequantised
+ * weights and encoded activations, loosely against the fp32 originals.
+ * Returns the product for further checks (caller frees).
+ */
+static float *
+check_product(const product_case *pc, const char *isa)
+{
+	size_t		wn = (size_t) pc->out * pc->cols;
+	float	   *w = malloc(sizeof(float) * wn);
+	float	   *x = malloc(sizeof(float) * (size_t) pc->rows * pc->cols);
+	float	   *y = malloc(sizeof(float) * (size_t) pc->rows * pc->out);
+	float	   *deq = malloc(sizeof(float) * pc->cols);
+	double	   *xe = malloc(sizeof(double) * pc->cols);
+	void	   *packed = aligned_block(fm_matrix_bytes(pc->format, pc->out, pc->cols));
+	void	   *scratch = aligned_block(fm_matmul_scratch_bytes(pc->rows, pc->cols));
+	fm_matrix	m;
+	int			tight_fail = 0;
+	int			format_fail = 0;
+
+	fill(w, wn, 1.0f);
+	fill(x, (size_t) pc->rows * pc->cols, 2.0f);
+	fm_matrix_pack(pc->format, w, pc->out, pc->cols, packed);
+	m = fm_matrix_view(pc->format, packed, pc->out, pc->cols);
+	fm_matmul_w(y, x, &m, pc->rows, scratch);
+
+	for (int32_t r = 0; r < pc->rows; r++)
+	{
+		const float *xr = x + (size_t) r * pc->cols;
+
+		for (int32_t k = 0; k < pc->cols; k++)
+			xe[k] = pc->format == FM_WEIGHTS_BF16 ? bf16_nearest(xr[k]) : xr[k];
+		if (pc->format == FM_WEIGHTS_Q8)
+			q8_activation(xr, pc->cols, xe);
+
+		for (int32_t o = 0; o < pc->out; o++)
+		{
+			const float *wo = w + (size_t) o * pc->cols;
+			double		ref = 0.0;
+			double		mag = 0.0;
+			double		exact = 0.0;
+			double		format_bound = 0.0;
+			double		got = y[(size_t) r * pc->out + o];
+
+			fm_matrix_row(&m, o, deq);
+			for (int32_t k = 0; k < pc->cols; k++)
+			{
+				ref += (double) deq[k] * xe[k];
+				mag += fabs((double) deq[k] * xe[k]);
+				exact += (double) wo[k] * xr[k];
+			}
+
+			/* fp32 accumulation of cols terms (cols / 32 blocks for q8) */
+			if (fabs(got - ref) > (pc->cols + 4) * ldexp(1.0, -24) * mag + 1e-30)
+				tight_fail++;
+
+			/* error of the weights and activations against the fp32 originals */
+			if (pc->format == FM_WEIGHTS_BF16)
+				format_bound = ldexp(1.0, -7) * mag * 1.01;
+			else if (pc->format == FM_WEIGHTS_Q8)
+			{
+				for (int32_t b = 0; b < pc->cols / FM_Q8_BLOCK; b++)
+				{
+					double		wmax = 0.0;
+					double		xmax = 0.0;
+					double		wabs = 0.0;
+					double		xabs = 0.0;
+
+					for (int32_t k = b * FM_Q8_BLOCK; k < (b + 1) * FM_Q8_BLOCK; k++)
+					{
+						wmax = fmax(wmax, fabs(wo[k]));
+						xmax = fmax(xmax, fabs(xr[k]));
+						wabs += fabs(wo[k]);
+						xabs += fabs(xr[k]);
+					}
+					format_bound += (wmax / 254.0 * xabs + xmax / 254.0 * wabs +
+									 wmax * xmax / (254.0 * 254.0) * FM_Q8_BLOCK) * 1.01;
+				}
+			}
+			format_bound += (pc->cols + 4) * ldexp(1.0, -24) * mag;
+			if (fabs(got - exact) > format_bound + 1e-30)
+				format_fail++;
+		}
+	}
+	if (tight_fail != 0 || format_fail != 0)
+		printf("  %s %s out %d cols %d rows %d: %d over the tight bound, %d over the format bound\n",
+			   isa, fm_weight_format_name(pc->format), pc->out, pc->cols, pc->rows,
+			   tight_fail, format_fail);
+	CHECK(tight_fail == 0);
+	CHECK(format_fail == 0);
+
+	free(w);
+	free(x);
+	free(deq);
+	free(xe);
+	free(packed);
+	free(scratch);
+	return y;
+}
+
+/* The kernel sets to test: every one at or below the CPU's. */
+static int
+available_isas(const char **names)
+{
+	static const char *const all[] = {"c", "avx2", "avx512bf16"};
+	const char *best = fm_kernel_isa();
+	int			n = 0;
+
+	for (int i = 0; i < 3; i++)
+	{
+		names[n++] = all[i];
+		if (strcmp(all[i], best) == 0)
+			break;
+	}
+	return n;
+}
+
+static void
+test_products_every_isa(void)
+{
+	const char *isas[3];
+	int			n_isas = available_isas(isas);
+	const char *best = fm_kernel_isa();
+	static const product_case cases[] = {
+		{FM_WEIGHTS_F32, 1, 7, 1}, {FM_WEIGHTS_F32, 33, 100, 3}, {FM_WEIGHTS_F32, 70, 1000, 1},
+		{FM_WEIGHTS_BF16, 1, 2, 1}, {FM_WEIGHTS_BF16, 15, 37, 1}, {FM_WEIGHTS_BF16, 17, 64, 9},
+		{FM_WEIGHTS_BF16, 100, 200, 20}, {FM_WEIGHTS_BF16, 48, 1024, 3}, {FM_WEIGHTS_BF16, 33, 1, 2},
+		{FM_WEIGHTS_Q8, 1, 32, 1}, {FM_WEIGHTS_Q8, 15, 64, 1}, {FM_WEIGHTS_Q8, 17, 96, 9},
+		{FM_WEIGHTS_Q8, 100, 256, 20}, {FM_WEIGHTS_Q8, 48, 1024, 3}, {FM_WEIGHTS_Q8, 31, 32, 64},
+	};
+
+	CHECK(n_isas >= 1);
+	for (int i = 0; i < n_isas; i++)
+	{
+		CHECK(fm_force_isa(isas[i]));
+		CHECK(strcmp(fm_kernel_isa(), isas[i]) == 0);
+		for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++)
+			free(check_product(&cases[c], isas[i]));
+	}
+	CHECK(fm_force_isa(best));
+	printf("  kernel sets tested: %d, best %s\n", n_isas, best);
+}
+
+static void
+test_force_isa(void)
+{
+	const char *best = fm_kernel_isa();
+
+	CHECK(!fm_force_isa("avx1024"));
+	CHECK(!fm_force_isa(""));
+	CHECK(strcmp(fm_kernel_isa(), best) == 0);
+	CHECK(fm_force_isa("c"));
+	CHECK(strcmp(fm_kernel_isa(), "c") == 0);
+	/* lowering is undone by naming the best set again */
+	CHECK(fm_force_isa(best));
+	CHECK(strcmp(fm_kernel_isa(), best) == 0);
+	if (strcmp(best, "avx512bf16") != 0)
+		CHECK(!fm_force_isa("avx512bf16"));
+}
+
+/*
+ * Every format and kernel set: results are bitwise the same for 1 to 4
+ * threads, and each row of a multi-row product is bitwise the product of
+ * that row alone.
+ */
+static void
+test_same_bits_threads_and_rows(void)
+{
+	const char *isas[3];
+	int			n_isas = available_isas(isas);
+	const char *best = fm_kernel_isa();
+	const int32_t out = 1000;
+	const int32_t cols = 512;
+	const int32_t rows = 11;
+	float	   *w = malloc(sizeof(float) * out * cols);
+	float	   *x = malloc(sizeof(float) * rows * cols);
+	float	   *y1 = malloc(sizeof(float) * rows * out);
+	float	   *yn = malloc(sizeof(float) * rows * out);
+	void	   *scratch = aligned_block(fm_matmul_scratch_bytes(rows, cols));
+
+	fill(w, (size_t) out * cols, 1.0f);
+	fill(x, (size_t) rows * cols, 1.0f);
+	for (int i = 0; i < n_isas; i++)
+	{
+		CHECK(fm_force_isa(isas[i]));
+		for (int f = FM_WEIGHTS_BF16; f <= FM_WEIGHTS_Q8; f++)
+		{
+			void	   *packed = aligned_block(fm_matrix_bytes(f, out, cols));
+			fm_matrix	m;
+			int			rows_differ = 0;
+
+			fm_matrix_pack(f, w, out, cols, packed);
+			m = fm_matrix_view(f, packed, out, cols);
+			CHECK(fm_set_threads(1, NULL) == FM_OK);
+			fm_matmul_w(y1, x, &m, rows, scratch);
+			for (int32_t t = 2; t <= 4; t++)
+			{
+				CHECK(fm_set_threads(t, NULL) == FM_OK);
+				memset(yn, 0, sizeof(float) * rows * out);
+				fm_matmul_w(yn, x, &m, rows, scratch);
+				CHECK(memcmp(y1, yn, sizeof(float) * rows * out) == 0);
+			}
+			for (int32_t r = 0; r < rows; r++)
+			{
+				fm_matmul_w(yn, x + (size_t) r * cols, &m, 1, scratch);
+				if (memcmp(yn, y1 + (size_t) r * out, sizeof(float) * out) != 0)
+					rows_differ++;
+			}
+			CHECK(rows_differ == 0);
+			free(packed);
+		}
+	}
+	CHECK(fm_set_threads(1, NULL) == FM_OK);
+	CHECK(fm_force_isa(best));
+	free(w);
+	free(x);
+	free(y1);
+	free(yn);
+	free(scratch);
+}
+
+/* ---------- a converted model ---------- */
+
+typedef struct tensor_store
+{
+	int32_t		n;
+	fm_tensor_spec *specs;
+	float	  **data;
+} tensor_store;
+
+static const float *
+store_lookup(void *arg, const char *name, int32_t *ndim, int64_t *shape)
+{
+	tensor_store *s = arg;
+
+	for (int32_t i = 0; i < s->n; i++)
+		if (strcmp(s->specs[i].name, name) == 0)
+		{
+			*ndim = s->specs[i].ndim;
+			memcpy(shape, s->specs[i].shape, sizeof(s->specs[i].shape));
+			return s->data[i];
+		}
+	return NULL;
+}
+
+static fm_config
+model_config(void)
+{
+	fm_config	c;
+
+	memset(&c, 0, sizeof(c));
+	strcpy(c.model_type, "flexmore");
+	c.vocab_size = 300;
+	c.hidden_size = 64;
+	c.intermediate_size = 96;
+	c.num_hidden_layers = 2;
+	c.num_attention_heads = 4;
+	c.num_key_value_heads = 2;
+	c.head_dim = 16;
+	c.max_position_embeddings = 64;
+	c.num_experts = 4;
+	c.num_experts_per_tok = 2;
+	c.rms_norm_eps = 1e-6;
+	c.rope_theta = 10000.0;
+	c.expert_ranks[1] = 4;
+	c.expert_ranks[3] = 32;
+	c.pad_token_id = -1;
+	c.bos_token_id = -1;
+	return c;
+}
+
+/* Runs ids through a new session of m and returns the last logits. */
+static bool
+run_logits(const fm_model *m, const int32_t *ids, int32_t n, float *logits)
+{
+	fm_session *s;
+	fm_error	err;
+	bool		ok;
+
+	if (fm_session_create(m, &fm_malloc_allocator, 64, &s, &err) != FM_OK)
+	{
+		printf("fm_session_create: %s\n", err.message);
+		return false;
+	}
+	ok = fm_forward(s, ids, n, logits, NULL, NULL, &err) == FM_OK;
+	if (!ok)
+		printf("fm_forward: %s\n", err.message);
+	fm_session_destroy(s);
+	return ok;
+}
+
+static void
+test_converted_model(void)
+{
+	fm_config	c = model_config();
+	tensor_store st;
+	fm_model	f32;
+	fm_layer_weights layers[2];
+	fm_error	err;
+	int32_t		ids[20];
+	float		ref[300];
+	float		got[300];
+	float		again[300];
+	double		max_ref = 0.0;
+
+	CHECK(fm_layout_expected(&c, &fm_malloc_allocator, &st.specs, &st.n, &err) == FM_OK);
+	st.data = malloc(sizeof(float *) * st.n);
+	for (int32_t i = 0; i < st.n; i++)
+	{
+		size_t		count = (size_t) st.specs[i].shape[0] *
+			(st.specs[i].ndim == 2 ? (size_t) st.specs[i].shape[1] : 1);
+
+		st.data[i] = malloc(sizeof(float) * count);
+		fill(st.data[i], count, st.specs[i].ndim == 1 ? 0.2f : 0.3f);
+		if (st.specs[i].ndim == 1)
+			for (size_t k = 0; k < count; k++)
+				st.data[i][k] += 1.0f;
+	}
+	memset(&f32, 0, sizeof(f32));
+	f32.config = c;
+	CHECK(fm_layout_bind(&f32, layers, store_lookup, &st, &err) == FM_OK);
+	for (int32_t i = 0; i < 20; i++)
+		ids[i] = (i * 37 + 5) % c.vocab_size;
+	CHECK(run_logits(&f32, ids, 20, ref));
+	for (int32_t v = 0; v < c.vocab_size; v++)
+		max_ref = fmax(max_ref, fabs(ref[v]));
+
+	for (int f = FM_WEIGHTS_BF16; f <= FM_WEIGHTS_Q8; f++)
+	{
+		fm_model	conv;
+		fm_layer_weights conv_layers[2];
+		void	   *storage;
+		double		max_diff = 0.0;
+
+		CHECK(fm_model_convert(&f32, f, &fm_malloc_allocator, &conv, conv_layers, &storage,
+							   &err) == FM_OK);
+		CHECK(conv.weights.embed_tokens.format == (fm_weight_format) f);
+		CHECK(conv_layers[0].router == layers[0].router);
+		/* rank 4 adapters cannot be q8 (4 columns): they fall back to bf16 */
+		CHECK(conv_layers[1].experts[1].gate_b.format == FM_WEIGHTS_BF16);
+		CHECK(conv_layers[1].experts[3].gate_b.format == (fm_weight_format) f);
+		CHECK(fm_model_weight_bytes(&conv) < fm_model_weight_bytes(&f32));
+		CHECK(fm_model_validate(&conv, &err) == FM_OK);
+
+		CHECK(run_logits(&conv, ids, 20, got));
+		for (int32_t v = 0; v < c.vocab_size; v++)
+			max_diff = fmax(max_diff, fabs((double) got[v] - ref[v]));
+		printf("  %s model: max |logit - f32 logit| %.4g of max |logit| %.4g\n",
+			   fm_weight_format_name(f), max_diff, max_ref);
+		/* estimates of the format error through two layers, not derived bounds */
+		CHECK(max_diff <= (f == FM_WEIGHTS_BF16 ? 0.03 : 0.08) * max_ref);
+
+		/*
+		 * Scoring with this lm_head: the last row's log-probability of
+		 * every id equals the log-softmax of fm_forward's logits, because
+		 * a row's product does not depend on how many rows share it.
+		 */
+		{
+			fm_session *s;
+			float	   *hidden = malloc(sizeof(float) * 20 * c.hidden_size);
+			float	   *scratch = malloc(sizeof(float) * FM_LOGPROB_ROWS * c.vocab_size);
+			int32_t    *targets = malloc(sizeof(int32_t) * 20 * c.vocab_size);
+			double	   *logprobs = malloc(sizeof(double) * 20 * c.vocab_size);
+			double		max_logit = -INFINITY;
+			double		sum = 0.0;
+			double		worst = 0.0;
+
+			CHECK(fm_session_create(&conv, &fm_malloc_allocator, 64, &s, &err) == FM_OK);
+			CHECK(fm_forward_hidden(s, ids, 20, hidden, NULL, NULL, &err) == FM_OK);
+			for (int32_t r = 0; r < 20; r++)
+				for (int32_t v = 0; v < c.vocab_size; v++)
+					targets[r * c.vocab_size + v] = v;
+			CHECK(fm_token_logprobs(&conv, NULL, hidden, 20, targets, c.vocab_size, logprobs,
+									scratch, &err) == FM_OK);
+			for (int32_t v = 0; v < c.vocab_size; v++)
+				max_logit = fmax(max_logit, got[v]);
+			for (int32_t v = 0; v < c.vocab_size; v++)
+				sum += exp(got[v] - max_logit);
+			for (int32_t v = 0; v < c.vocab_size; v++)
+				worst = fmax(worst, fabs(logprobs[19 * c.vocab_size + v] -
+										 (got[v] - max_logit - log(sum))));
+			/* fm_token_logprobs sums expf in double: about 1e-7 relative per term */
+			CHECK(worst < 1e-5);
+			fm_session_destroy(s);
+			free(hidden);
+			free(scratch);
+			free(targets);
+			free(logprobs);
+		}
+
+		/* a whole forward pass is bitwise the same with 3 threads */
+		CHECK(fm_set_threads(3, NULL) == FM_OK);
+		CHECK(run_logits(&conv, ids, 20, again));
+		CHECK(memcmp(got, again, sizeof(got)) == 0);
+		CHECK(fm_set_threads(1, NULL) == FM_OK);
+		free(storage);
+	}
+
+	/* q8 needs whole blocks: a q8 matrix of 33 columns is rejected */
+	{
+		fm_model	bad = f32;
+		fm_layer_weights bad_layers[2];
+		static float w[96 * 64];
+
+		memcpy(bad_layers, layers, sizeof(layers));
+		bad.weights.layers = bad_layers;
+		bad_layers[0].q_proj = fm_matrix_view(FM_WEIGHTS_Q8, w, 64, 33);
+		CHECK(fm_model_validate(&bad, &err) == FM_EINVAL);
+		CHECK(strstr(err.message, "q_proj") != NULL);
+	}
+
+	for (int32_t i = 0; i < st.n; i++)
+		free(st.data[i]);
+	free(st.data);
+	free(st.specs);
+}
+
+int
+main(void)
+{
+	printf("kernel set: %s\n", fm_kernel_isa());
+	test_format_names();
+	test_matrix_bytes();
+	test_bf16_round_trip();
+	test_q8_round_trip();
+	test_force_isa();
+	test_products_every_isa();
+	test_same_bits_threads_and_rows();
+	test_converted_model();
+	return TEST_SUMMARY();
+}
