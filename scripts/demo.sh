@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh Debian 12 machine, as root: install what is
 # missing, build, start a throwaway UTF-8 cluster, import the bundled
-# default model, generate completions for a table of real Danish and English
-# prompts and print them side by side.  The cluster is stopped at the end;
+# default model, complete a table of real Danish, legal, code and English
+# sentences and show which expert each one belongs to.  The cluster is stopped at the end;
 # pass --keep to leave it running (its socket is printed).
 source "$(dirname "$0")/lib.sh"
 
@@ -28,30 +28,44 @@ SELECT name, architecture, hidden_size, layers, experts, parameters,
 FROM flexmore_models;
 SQL
 
-log "generating completions (greedy, 16 tokens each) and classifying the language; the bundled model has random weights, so neither is meaningful"
+log "completing a table of real sentences and finding each one's domain"
 psql -X -v ON_ERROR_STOP=1 -q <<'SQL'
-CREATE TABLE prompts (id int PRIMARY KEY, lang text, source text, prompt text);
--- Opening words of public-domain texts and official translations.
+CREATE TABLE prompts (id int PRIMARY KEY, source text, prompt text);
+-- Opening words of public texts: Danish, legal, code and general English.
 INSERT INTO prompts VALUES
- (1, 'da', 'UN Declaration of Human Rights, art. 1',
+ (1, 'UN Declaration of Human Rights, art. 1 (Danish)',
      'Alle mennesker er født frie og lige i værdighed og rettigheder.'),
- (2, 'en', 'UN Declaration of Human Rights, art. 1',
-     'All human beings are born free and equal in dignity and rights.'),
- (3, 'da', 'H.C. Andersen, Den grimme ælling',
-     'Der var så dejligt ude på landet; det var sommer, kornet stod gult,'),
- (4, 'en', 'Charles Dickens, A Tale of Two Cities',
-     'It was the best of times, it was the worst of times,'),
- (5, 'da', 'Danmarks Riges Grundlov, § 3',
-     'Den lovgivende magt er hos kongen og folketinget i forening.'),
- (6, 'en', 'GNU General Public License, version 3, preamble',
-     'The GNU General Public License is a free, copyleft license for software and other kinds of works.');
+ (2, 'Danish message catalogue style',
+     'Kunne ikke åbne filen'),
+ (3, 'GNU General Public License, version 3',
+     'This program is free software: you can redistribute it and/or modify'),
+ (4, 'MIT licence',
+     'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND,'),
+ (5, 'C header',
+     E'#include <stdio.h>\n\nint main(int argc, char **argv)\n{'),
+ (6, 'Python',
+     E'def parse_args():\n    parser = argparse.'),
+ (7, 'man page',
+     'The following options are supported:');
 
 \pset format aligned
 \pset border 2
-SELECT id, lang, prompt,
-       flexmore_generate('default', prompt, max_tokens => 16) AS completion,
-       flexmore_classify('default', prompt, ARRAY['da', 'en']) AS classified
+-- Greedy completions of 12 tokens.
+SELECT id, source, prompt,
+       flexmore_generate('default', prompt, max_tokens => 12) AS completion
 FROM prompts ORDER BY id;
+
+-- The domain of each sentence, two ways: the domain expert that gives the
+-- lowest perplexity next to the public expert, and the domain expert the
+-- router picks most often over all tokens and layers.
+SELECT p.id, p.source,
+       (SELECT d FROM unnest(ARRAY['danish', 'legal', 'code']) AS d
+        ORDER BY flexmore_perplexity('default', p.prompt, ARRAY['public', d]) LIMIT 1)
+         AS best_expert,
+       (SELECT e FROM flexmore_route('default', p.prompt) AS r, unnest(r.experts) AS e
+        WHERE e <> 'public' GROUP BY e ORDER BY count(*) DESC, e LIMIT 1)
+         AS routed_mostly_to
+FROM prompts p ORDER BY p.id;
 
 -- One copy of the weights in shared memory serves every connection.
 SELECT model, kind, coalesce(expert, CASE kind WHEN 'weights' THEN 'shared part' END) AS item,

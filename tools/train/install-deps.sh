@@ -1,13 +1,17 @@
 #!/bin/sh
 # Install what tools/train/corpora.py and trim_vocab.py need on Debian 12:
 # msgunfmt (gettext), groff (groff-base), the Danish man pages (manpages-da),
-# node, and the tokenizers npm package in test/tokenizer/.  Packages that
-# are already installed are left alone.
+# node, and the tokenizers npm package in test/tokenizer/.  With
+# --training it also installs python3-torch and python3-numpy, which
+# train.py needs.  Packages that are already installed are left alone.
 set -eu
+
+packages="gettext groff-base man-db manpages-da"
+[ "${1:-}" = --training ] && packages="$packages python3-torch python3-numpy"
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 missing=""
-for package in gettext groff-base man-db manpages-da; do
+for package in $packages; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
         missing="$missing $package"
     fi
