@@ -3,9 +3,9 @@
 # held-out sample shipped with it, the perplexities flexmore computes in
 # PostgreSQL (all experts, the public expert alone, each domain expert
 # opted out) lie within 0.5% of the training framework's figures in
-# evaluation.json; the merged model beats the public model on every domain;
-# and each domain's own expert is among the chosen experts for most of the
-# (token, layer) pairs of its whole held-out text.  The checks are in tools/train/evaluate_sql.py.
+# evaluation.json.  The merged model beats the public model on every
+# domain.  Each domain's own expert is among the chosen experts for most
+# of the (token, layer) pairs of its whole held-out text.  The checks are in tools/train/evaluate_sql.py.
 set -u
 . "$(dirname "$0")/common.sh"
 
