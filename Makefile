@@ -80,9 +80,15 @@ $(BUILD)/test/%: test/engine/%.c test/engine/*.h $(BUILD)/libfmengine.a
 	@mkdir -p $(dir $@)
 	$(TOOL_CC) $(FE_CFLAGS) -Itest/engine -o $@ $< $(BUILD)/libfmengine.a $(FE_LIBS)
 
-$(BUILD)/tools/%: tools/%.c $(BUILD)/libfmengine.a
+# Checkpoint loading shared by the programs over the engine.
+TOOL_COMMON = $(BUILD)/tools/common/checkpoint.o
+$(TOOL_COMMON): tools/common/checkpoint.c tools/common/checkpoint.h src/engine/*.h src/reader/*.h
 	@mkdir -p $(dir $@)
-	$(TOOL_CC) $(FE_CFLAGS) -o $@ $< $(BUILD)/libfmengine.a $(FE_LIBS)
+	$(TOOL_CC) $(FE_CFLAGS) -Itools -c -o $@ $<
+
+$(BUILD)/tools/%: tools/%.c $(BUILD)/libfmengine.a $(TOOL_COMMON)
+	@mkdir -p $(dir $@)
+	$(TOOL_CC) $(FE_CFLAGS) -Itools -o $@ $< $(TOOL_COMMON) $(BUILD)/libfmengine.a $(FE_LIBS)
 
 .PHONY: engine tools engine-check
 engine: $(BUILD)/libfmengine.a
@@ -107,9 +113,9 @@ engine-check: $(ENGINE_TESTS) $(TOOLS)
 # format on a checkpoint directory, memory bandwidth and matrix product
 # rates.  Not part of the tests.
 ENGINE_BENCH = $(BUILD)/engine-bench
-$(ENGINE_BENCH): bench/engine_bench.c $(BUILD)/libfmengine.a
+$(ENGINE_BENCH): bench/engine_bench.c $(BUILD)/libfmengine.a $(TOOL_COMMON)
 	@mkdir -p $(dir $@)
-	$(TOOL_CC) $(FE_CFLAGS) -o $@ $< $(BUILD)/libfmengine.a $(FE_LIBS)
+	$(TOOL_CC) $(FE_CFLAGS) -Itools -o $@ $< $(TOOL_COMMON) $(BUILD)/libfmengine.a $(FE_LIBS)
 
 .PHONY: engine-bench
 engine-bench: $(ENGINE_BENCH)

@@ -49,49 +49,12 @@
 
 #include <cblas.h>
 
+#include "common/checkpoint.h"
 #include "engine/engine.h"
 #include "engine/kernels.h"
-#include "reader/reader.h"
 
 #define RUNS 3
 
-typedef struct loaded_tensor
-{
-	char	   *name;
-	int32_t		ndim;
-	int64_t		shape[FM_MAX_DIMS];
-	float	   *data;
-} loaded_tensor;
-
-typedef struct checkpoint
-{
-	char	   *config_json;
-	size_t		config_len;
-	int32_t		num_tensors;
-	loaded_tensor *tensors;		/* sorted by name */
-	fm_layer_weights *layers;
-	fm_model	model;			/* fp32, as loaded */
-} checkpoint;
-
-static void
-fail(const char *fmt,...)
-{
-	va_list		args;
-
-	fprintf(stderr, "engine-bench: ");
-	va_start(args, fmt);
-	vfprintf(stderr, fmt, args);
-	va_end(args);
-	fprintf(stderr, "\n");
-	exit(1);
-}
-
-static void
-check(fm_status status, const fm_error *err, const char *what)
-{
-	if (status != FM_OK)
-		fail("%s: %s", what, err->message);
-}
 
 static double
 now_seconds(void)
@@ -116,176 +79,6 @@ median(double *v, int n)
 {
 	qsort(v, n, sizeof(double), compare_doubles);
 	return v[n / 2];
-}
-
-/* ---------- loading ---------- */
-
-static char *
-read_file(const char *path, size_t *len, bool missing_ok)
-{
-	FILE	   *f = fopen(path, "rb");
-	struct stat st;
-	char	   *buf;
-
-	if (f == NULL)
-	{
-		if (missing_ok && errno == ENOENT)
-			return NULL;
-		fail("could not open \"%s\": %s", path, strerror(errno));
-	}
-	if (fstat(fileno(f), &st) != 0)
-		fail("could not stat \"%s\": %s", path, strerror(errno));
-	buf = pg_malloc((size_t) st.st_size + 1);
-	if (fread(buf, 1, (size_t) st.st_size, f) != (size_t) st.st_size)
-		fail("could not read \"%s\"", path);
-	buf[st.st_size] = '\0';
-	fclose(f);
-	*len = (size_t) st.st_size;
-	return buf;
-}
-
-static int
-compare_tensors(const void *a, const void *b)
-{
-	return strcmp(((const loaded_tensor *) a)->name, ((const loaded_tensor *) b)->name);
-}
-
-static void
-load_shard(checkpoint *ck, const char *dir, const char *file, int32_t *capacity)
-{
-	char	   *path = psprintf("%s/%s", dir, file);
-	FILE	   *f = fopen(path, "rb");
-	struct stat st;
-	unsigned char prefix[8];
-	uint64_t	header_len = 0;
-	char	   *header;
-	fm_st_file	st_file;
-	fm_error	err;
-
-	if (f == NULL)
-		fail("could not open \"%s\": %s", path, strerror(errno));
-	if (fstat(fileno(f), &st) != 0 || fread(prefix, 1, 8, f) != 8)
-		fail("could not read the header of \"%s\"", path);
-	for (int i = 7; i >= 0; i--)
-		header_len = (header_len << 8) | prefix[i];
-	if (header_len > (uint64_t) st.st_size - 8)
-		fail("\"%s\": safetensors header length %llu exceeds the file size",
-			 path, (unsigned long long) header_len);
-	header = pg_malloc(header_len + 1);
-	if (fread(header, 1, header_len, f) != header_len)
-		fail("could not read the header of \"%s\"", path);
-	check(fm_st_parse_header(header, header_len, (uint64_t) st.st_size, &st_file, &err),
-		  &err, path);
-
-	for (int32_t i = 0; i < st_file.num_tensors; i++)
-	{
-		const fm_st_tensor *t = &st_file.tensors[i];
-		loaded_tensor *lt;
-		size_t		bytes = t->end - t->begin;
-		void	   *raw;
-
-		if (!t->dtype_supported)
-			fail("\"%s\": tensor %s has unsupported dtype %s", path, t->name, t->dtype_name);
-		if (ck->num_tensors == *capacity)
-		{
-			*capacity = *capacity * 2 + 16;
-			ck->tensors = pg_realloc(ck->tensors, sizeof(loaded_tensor) * *capacity);
-		}
-		lt = &ck->tensors[ck->num_tensors++];
-		lt->name = pg_strdup(t->name);
-		lt->ndim = t->ndim;
-		memcpy(lt->shape, t->shape, sizeof(lt->shape));
-		raw = pg_malloc(bytes + 1);
-		lt->data = pg_malloc(sizeof(float) * (bytes / fm_dtype_size(t->dtype)) + 1);
-		if (fseeko(f, (off_t) t->begin, SEEK_SET) != 0 || fread(raw, 1, bytes, f) != bytes)
-			fail("could not read tensor %s from \"%s\"", t->name, path);
-		fm_convert_to_f32(t->dtype, raw, lt->data, bytes / fm_dtype_size(t->dtype));
-		free(raw);
-	}
-	fm_st_free(&st_file);
-	free(header);
-	fclose(f);
-	free(path);
-}
-
-static const float *
-lookup_tensor(void *arg, const char *name, int32_t *ndim, int64_t *shape)
-{
-	checkpoint *ck = arg;
-	loaded_tensor key = {.name = (char *) name};
-	loaded_tensor *t = bsearch(&key, ck->tensors, ck->num_tensors,
-							   sizeof(loaded_tensor), compare_tensors);
-
-	if (t == NULL)
-		return NULL;
-	*ndim = t->ndim;
-	memcpy(shape, t->shape, sizeof(int64_t) * FM_MAX_DIMS);
-	return t->data;
-}
-
-static void
-load_checkpoint(checkpoint *ck, const char *dir)
-{
-	char	   *path = psprintf("%s/config.json", dir);
-	char	   *index_json;
-	size_t		len;
-	int32_t		capacity = 0;
-	fm_error	err;
-
-	memset(ck, 0, sizeof(*ck));
-	ck->config_json = read_file(path, &ck->config_len, false);
-	check(fm_config_parse(ck->config_json, ck->config_len, &ck->model.config, &err), &err, path);
-
-	path = psprintf("%s/model.safetensors.index.json", dir);
-	index_json = read_file(path, &len, true);
-	if (index_json == NULL)
-		load_shard(ck, dir, "model.safetensors", &capacity);
-	else
-	{
-		char	  **names;
-		char	  **files;
-		int32_t		n;
-
-		check(fm_st_parse_index(index_json, len, &names, &files, &n, &err), &err, path);
-		for (int32_t i = 0; i < n; i++)
-		{
-			bool		seen = false;
-
-			for (int32_t j = 0; j < i && !seen; j++)
-				seen = (strcmp(files[i], files[j]) == 0);
-			if (!seen)
-				load_shard(ck, dir, files[i], &capacity);
-		}
-	}
-	qsort(ck->tensors, ck->num_tensors, sizeof(loaded_tensor), compare_tensors);
-	ck->layers = pg_malloc0(sizeof(fm_layer_weights) * ck->model.config.num_hidden_layers);
-	check(fm_layout_bind(&ck->model, ck->layers, lookup_tensor, ck, &err), &err, dir);
-	check(fm_model_validate(&ck->model, &err), &err, dir);
-}
-
-static void
-parse_experts(const checkpoint *ck, const char *list, bool *allowed)
-{
-	char	   *names[FM_MAX_EXPERTS];
-	char	   *copy = pg_strdup(list);
-	char	   *save = NULL;
-	fm_error	err;
-
-	check(fm_config_expert_names(ck->config_json, ck->config_len, &ck->model.config, names,
-								 &err), &err, "config.json");
-	memset(allowed, 0, sizeof(bool) * FM_MAX_EXPERTS);
-	for (char *name = strtok_r(copy, ",", &save); name != NULL;
-		 name = strtok_r(NULL, ",", &save))
-	{
-		bool		found = false;
-
-		for (int32_t e = 0; e < ck->model.config.num_experts; e++)
-			if (strcmp(names[e], name) == 0)
-				allowed[e] = found = true;
-		if (!found)
-			fail("unknown expert \"%s\" in --experts", name);
-	}
-	free(copy);
 }
 
 /* ---------- weight bytes and flops from routing ---------- */
@@ -438,16 +231,16 @@ run_model(const checkpoint *ck, fm_weight_format format, int32_t threads,
 	if (format == FM_WEIGHTS_F32)
 		model = ck->model;
 	else
-		check(fm_model_convert(&ck->model, format, &fm_malloc_allocator, &model, layers,
+		tool_check(fm_model_convert(&ck->model, format, &fm_malloc_allocator, &model, layers,
 							   &storage, &err), &err, "conversion");
-	check(fm_set_threads(threads, &err), &err, "--threads");
+	tool_check(fm_set_threads(threads, &err), &err, "--threads");
 	openblas_set_num_threads(threads);
 	if (context > c->max_position_embeddings)
-		fail("--prompt plus --decode needs %d positions, but the model has %d",
+		tool_fail("--prompt plus --decode needs %d positions, but the model has %d",
 			 context, c->max_position_embeddings);
-	check(fm_session_create(&model, &fm_malloc_allocator, context, &s, &err), &err, "session");
+	tool_check(fm_session_create(&model, &fm_malloc_allocator, context, &s, &err), &err, "session");
 	if (allowed != NULL)
-		check(fm_session_set_experts(s, allowed, &err), &err, "--experts");
+		tool_check(fm_session_set_experts(s, allowed, &err), &err, "--experts");
 	prompt_routes->config = c;
 	decode_routes->config = c;
 
@@ -459,7 +252,7 @@ run_model(const checkpoint *ck, fm_weight_format format, int32_t threads,
 		fm_session_reset(s);
 		fm_session_set_route_hook(s, run == 0 ? count_route : NULL, prompt_routes);
 		start = now_seconds();
-		check(fm_forward(s, prompt, n_prompt > 0 ? n_prompt : 1, logits, NULL, NULL, &err),
+		tool_check(fm_forward(s, prompt, n_prompt > 0 ? n_prompt : 1, logits, NULL, NULL, &err),
 			  &err, "prompt");
 		prompt_times[run] = now_seconds() - start;
 
@@ -468,7 +261,7 @@ run_model(const checkpoint *ck, fm_weight_format format, int32_t threads,
 		start = now_seconds();
 		for (int32_t i = 0; i < n_decode; i++)
 		{
-			check(fm_forward(s, &id, 1, logits, NULL, NULL, &err), &err, "decode");
+			tool_check(fm_forward(s, &id, 1, logits, NULL, NULL, &err), &err, "decode");
 			id = argmax(logits, c->vocab_size);
 		}
 		decode_times[run] = now_seconds() - start;
@@ -569,7 +362,7 @@ read_bandwidth(const char *buf, size_t bytes, int32_t threads)
 	double		best = 0.0;
 	fm_error	err;
 
-	check(fm_set_threads(threads, &err), &err, "--threads");
+	tool_check(fm_set_threads(threads, &err), &err, "--threads");
 	for (int pass = 0; pass < 5; pass++)
 	{
 		double		start = now_seconds();
@@ -590,7 +383,7 @@ run_bandwidth(int32_t threads)
 	char	   *buf = NULL;
 
 	if (posix_memalign((void **) &buf, 64, bytes) != 0)
-		fail("could not allocate %zu bytes", bytes);
+		tool_fail("could not allocate %zu bytes", bytes);
 	memset(buf, 1, bytes);
 	printf("{\"mode\": \"bandwidth\", \"isa\": \"%s\", \"buffer_bytes\": %zu, "
 		   "\"single_thread_gb_s\": %.2f, \"threads\": %d, \"multi_thread_gb_s\": %.2f}\n",
@@ -654,7 +447,7 @@ run_sgemm(const checkpoint *ck, int32_t threads, int32_t n_prompt)
 
 	if (rows < 1 || rows > FM_PROMPT_CHUNK)
 		rows = FM_PROMPT_CHUNK;
-	check(fm_set_threads(threads, &err), &err, "--threads");
+	tool_check(fm_set_threads(threads, &err), &err, "--threads");
 	openblas_set_num_threads(threads);
 	for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
 	{
@@ -716,7 +509,7 @@ int_arg(const char *opt, const char *val, int32_t min)
 	errno = 0;
 	v = strtol(val, &end, 10);
 	if (errno != 0 || *end != '\0' || v < min || v > INT32_MAX)
-		fail("%s needs an integer of at least %d, not \"%s\"", opt, min, val);
+		tool_fail("%s needs an integer of at least %d, not \"%s\"", opt, min, val);
 	return (int32_t) v;
 }
 
@@ -745,6 +538,7 @@ main(int argc, char **argv)
 	checkpoint	ck;
 	bool		allowed[FM_MAX_EXPERTS];
 
+	tool_name = "engine-bench";
 	for (int i = 1; i < argc; i++)
 	{
 		const char *opt = argv[i];
@@ -766,13 +560,13 @@ main(int argc, char **argv)
 		else if (strcmp(opt, "--format") == 0)
 		{
 			if (!fm_weight_format_parse(argv[++i], &format))
-				fail("--format must be f32, bf16 or q8, not \"%s\"", argv[i]);
+				tool_fail("--format must be f32, bf16 or q8, not \"%s\"", argv[i]);
 		}
 		else if (strcmp(opt, "--threads") == 0)
 		{
 			threads = int_arg(opt, argv[++i], 1);
 			if (threads > FM_MAX_THREADS)
-				fail("--threads must be at most %d", FM_MAX_THREADS);
+				tool_fail("--threads must be at most %d", FM_MAX_THREADS);
 		}
 		else if (strcmp(opt, "--decode") == 0)
 			n_decode = int_arg(opt, argv[++i], 0);
@@ -783,7 +577,7 @@ main(int argc, char **argv)
 		else if (strcmp(opt, "--isa") == 0)
 		{
 			if (!fm_force_isa(argv[++i]))
-				fail("--isa %s is unknown or not supported by this CPU (best: %s)",
+				tool_fail("--isa %s is unknown or not supported by this CPU (best: %s)",
 					 argv[i], fm_kernel_isa());
 		}
 		else
@@ -797,14 +591,14 @@ main(int argc, char **argv)
 	}
 	if (model_dir == NULL)
 		usage();
-	load_checkpoint(&ck, model_dir);
+	checkpoint_load(&ck, model_dir, false);
 	if (sgemm)
 	{
 		run_sgemm(&ck, threads, n_prompt);
 		return 0;
 	}
 	if (experts != NULL)
-		parse_experts(&ck, experts, allowed);
+		checkpoint_parse_experts(&ck, experts, allowed);
 	run_model(&ck, format, threads, n_decode, n_prompt, experts != NULL ? allowed : NULL);
 	return 0;
 }
