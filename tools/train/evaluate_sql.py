@@ -141,8 +141,8 @@ def routing_picture(db, model):
         lines.append("| --- | --- | --- | --- | --- |")
         for row in out.splitlines():
             token, picks = json.loads(row)
-            shown = json.dumps(token, ensure_ascii=False)[1:-1].replace("|", "\\|")
-            lines.append(f"| `{shown}` | " + " | ".join(picks.split(" ")) + " |")
+            escaped = json.dumps(token, ensure_ascii=False)[1:-1].replace("|", "\\|")
+            lines.append(f"| `{escaped}` | " + " | ".join(picks.split(" ")) + " |")
         lines.append("")
     return lines
 

@@ -1,12 +1,12 @@
 """OLMo-2 style mixture-of-experts model in PyTorch, for training the
 miniature default model.
 
-The forward pass is the one flexmore computes: post-norm blocks (the
-attention and the MoE read the raw residual stream and their outputs are
-normalised before they are added), QK-norm over the whole projected vector,
-rotate-half RoPE, SwiGLU experts, and a bias-free router whose softmax is
-taken over all available experts before the top k are kept, without
-renormalising the kept weights.  A low-rank expert computes its
+The forward pass is the one flexmore computes.  Blocks are post-norm: the
+attention and the MoE read the raw residual stream, and their outputs are
+normalised before they are added.  QK-norm covers the whole projected
+vector, RoPE pairs rotate halves, and experts are SwiGLU FFNs.  The
+bias-free router takes a softmax over all available experts before the top
+k are kept, and the kept weights are not renormalised.  A low-rank expert computes its
 projections as W_0 x + B (A x), where W_0 is the public expert's matrix.
 """
 

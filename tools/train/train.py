@@ -5,10 +5,10 @@ its default model.
 Recipe, at miniature scale:
  1. a dense public model trained on the public corpus;
  2. one expert per domain corpus, each trained on its own, starting from the
-    public model with every shared weight and the public FFN frozen: a
-    two-expert MoE (public + new) whose new FFN starts as a copy of the
-    public FFN and whose new router row starts as the domain's mean hidden
-    state at that layer (scaled to unit length);
+    public model with every shared weight and the public FFN frozen.  The
+    training model is a two-expert MoE (public + new).  The new FFN starts
+    as a copy of the public FFN, and the new router row as the domain's
+    mean hidden state at that layer, scaled to unit length;
  3. the experts merged into one FlexOlmo model (public expert 0 + domain
     experts, top-2 routing), whose router rows alone are then tuned on a
     small mixed sample of every corpus, because rows trained against the
@@ -131,15 +131,15 @@ def heldout_chunks(docs, tokenizer_path, scratch):
         if current:
             chunks.append("\n".join(current))
     ids = hf_encode(tokenizer_path, chunks, scratch)
-    kept = []
+    selected = []
     for text, chunk_ids in zip(chunks, ids):
         if total >= EVAL_TOKENS:
             break
         if len(chunk_ids) > MAX_CHUNK_TOKENS:
             continue
-        kept.append({"text": text, "ids": chunk_ids})
+        selected.append({"text": text, "ids": chunk_ids})
         total += len(chunk_ids)
-    return kept
+    return selected
 
 
 # ---------- training ----------
@@ -310,8 +310,8 @@ def svd_factors(delta, rank):
 
 
 def low_rank_model(merged, ranks):
-    """A copy of merged whose expert e (e > 0, ranks[e] > 0) is a rank
-    ranks[e] adapter on expert 0."""
+    """Build a copy of merged whose expert e (e > 0, ranks[e] > 0) is a
+    rank ranks[e] adapter on expert 0."""
     cfg = merged.cfg
     model = Model(cfg, len(ranks), cfg["max_position_embeddings"])
     model.load_state_dict(merged.state_dict())
@@ -357,18 +357,6 @@ def tune_router(model, streams, steps, rng):
             log(f"router step {step + 1}/{steps} loss {loss.item():.3f}")
     for g in gates:
         g.requires_grad_(False)
-
-
-def load_merged(cfg, names, directory):
-    """The merged model as export() wrote it (BF16 values, read exactly)."""
-    arrays, _ = safetensors_io.load_file(os.path.join(directory, "model.safetensors"))
-    model = Model(cfg, len(names), cfg["max_position_embeddings"])
-    state = {}
-    for key in model.state_dict():
-        name = "model." + key
-        state[key] = torch.from_numpy(np.array(arrays[name], dtype=np.float32))
-    model.load_state_dict(state)
-    return model
 
 
 def train_merged(cfg, names, streams, args, rng):
