@@ -4,9 +4,13 @@
 Four corpora are built, each from real files found on the machine (no text
 is generated):
 
-  public  English README files from /usr/share/doc and English man pages
+  public  English README files from /usr/share/doc, English man pages and
+          Danish man pages (/usr/share/man/da, package manpages-da)
   danish  Danish translations (msgstr of /usr/share/locale/da/LC_MESSAGES/*.mo)
-          and Danish man pages (/usr/share/man/da, package manpages-da)
+
+The Danish man pages are public text, so the public model (whose token
+embeddings every expert shares frozen) learns Danish words.  They are taken
+first, up to a fifth of the public corpus (DANISH_PUBLIC_SHARE).
   legal   /usr/share/common-licenses and /usr/share/doc/*/copyright
   code    C headers under /usr/include and Python modules of Debian packages
 
@@ -30,10 +34,9 @@ import sys
 CORPUS_NAMES = ("public", "danish", "legal", "code")
 
 DESCRIPTIONS = {
-    "public": "English README files from /usr/share/doc and English man pages "
-              "rendered to text with groff",
-    "danish": "Danish msgstr translations from /usr/share/locale/da/LC_MESSAGES "
-              "and Danish man pages rendered to text with groff",
+    "public": "English README files from /usr/share/doc, and English and "
+              "Danish man pages rendered to text with groff",
+    "danish": "Danish msgstr translations from /usr/share/locale/da/LC_MESSAGES",
     "legal": "Licence texts in /usr/share/common-licenses and package copyright "
              "files /usr/share/doc/*/copyright",
     "code": "C headers under /usr/include and Python modules under "
@@ -45,6 +48,14 @@ DESCRIPTIONS = {
 MAX_CODE_FILE_BYTES = 256 * 1024
 
 DPKG_BATCH = 500
+
+# Share of the public corpus given to the Danish man pages, which are taken
+# before any other public file and are exempt from --max-package-share (they
+# all come from one package).  Without them the public model would see no
+# Danish, and the Danish tokens' embeddings, which every expert shares and
+# none may change, would stay untrained.
+DANISH_MAN_PREFIX = "/usr/share/man/da/"
+DANISH_PUBLIC_SHARE = 0.2
 
 
 def parse_args():
@@ -87,14 +98,13 @@ def find_sources(name):
     """Return (path, kind) pairs for corpus NAME; kind selects the extractor."""
     if name == "public":
         readmes = list_files(["/usr/share/doc/*/README*"])
-        manpages = list_files(["/usr/share/man/man[1-8]/*"])
+        manpages = list_files(["/usr/share/man/man[1-8]/*",
+                               "/usr/share/man/da/man*/*"])
         return ([(p, "text") for p in readmes] +
                 [(p, "man") for p in manpages])
     if name == "danish":
         catalogs = list_files(["/usr/share/locale/da/LC_MESSAGES/*.mo"])
-        manpages = list_files(["/usr/share/man/da/man*/*"])
-        return ([(p, "mo") for p in catalogs] +
-                [(p, "man") for p in manpages])
+        return [(p, "mo") for p in catalogs]
     if name == "legal":
         licences = list_files(["/usr/share/common-licenses/*"])
         copyrights = list_files(["/usr/share/doc/*/copyright"])
@@ -342,7 +352,9 @@ def build_corpus(name, out_dir, target_bytes, test_percent, package_bytes):
     Documents are separated by one empty line.
     """
     sources = find_sources(name)
-    sources.sort(key=lambda source: path_hash(source[0], "order"))
+    # The leading False sorts the Danish man pages first.
+    sources.sort(key=lambda source: (not source[0].startswith(DANISH_MAN_PREFIX),
+                                     path_hash(source[0], "order")))
     owners = find_packages(path for path, _ in sources)
     corpus_dir = os.path.join(out_dir, name)
     os.makedirs(corpus_dir, exist_ok=True)
@@ -361,7 +373,10 @@ def build_corpus(name, out_dir, target_bytes, test_percent, package_bytes):
         if written >= target_bytes:
             break
         package = owners[path]
-        budget = package_bytes - package_used.get(package, 0)
+        cap = package_bytes
+        if path.startswith(DANISH_MAN_PREFIX):
+            cap = int(target_bytes * DANISH_PUBLIC_SHARE)
+        budget = cap - package_used.get(package, 0)
         if budget <= 0:
             continue
         text = EXTRACTORS[kind](path)

@@ -24,6 +24,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        # In float32 even when autocast hands over bfloat16 activations.
+        x = x.float()
         scale = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return x * scale * self.weight
 
