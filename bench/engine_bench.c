@@ -356,8 +356,8 @@ static double
 read_bandwidth(const char *buf, size_t bytes, int32_t threads)
 {
 	read_job	job = {buf, 1 << 20, 0};
-	fm_range_fn read_range = strcmp(fm_kernel_isa(), "avx512bf16") == 0 ?
-		read_range_avx512 : read_range_avx2;
+	fm_range_fn read_range = strcmp(fm_kernel_isa(), "avx512bf16") == 0 ||
+		strcmp(fm_kernel_isa(), "amx") == 0 ? read_range_avx512 : read_range_avx2;
 	int32_t		chunks = (int32_t) (bytes / job.chunk);
 	double		best = 0.0;
 	fm_error	err;
@@ -518,7 +518,7 @@ usage(void)
 {
 	fprintf(stderr,
 			"usage: engine-bench --model DIR --format f32|bf16|q8 --threads N --decode N --prompt N\n"
-			"           [--experts NAME,NAME] [--isa c|avx2|avx512bf16]\n"
+			"           [--experts NAME,NAME] [--isa c|avx2|avx512bf16|amx]\n"
 			"       engine-bench --bandwidth [--threads N]\n"
 			"       engine-bench --sgemm --model DIR [--threads N] [--prompt N]\n");
 	exit(2);

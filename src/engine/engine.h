@@ -193,15 +193,17 @@ fm_matrix	fm_matrix_f32(const float *data, int32_t rows, int32_t cols);
 void		fm_matrix_row(const fm_matrix *m, int32_t row, float *out);
 
 /*
- * The kernel set chosen from the CPU at first use: "avx512bf16" (AVX-512
- * F, BW, VL, VNNI and BF16), "avx2" (AVX2 and FMA) or "c" (plain C).
+ * The kernel set chosen from the CPU at first use: "amx", "avx512bf16"
+ * (AVX-512 F, BW, VL, VNNI and BF16), "avx2" (AVX2 and FMA) or "c"
+ * (plain C).  "amx" is avx512bf16 with bf16 products on AMX tiles, chosen
+ * when the CPU has AMX-BF16 and Linux grants this process the tile state.
  */
 const char *fm_kernel_isa(void);
 
 /*
- * Restricts the kernels to a set no higher than the CPU's: "avx512bf16",
- * "avx2" or "c".  Returns false, changing nothing, for an unknown name
- * or a set the CPU lacks.  For tests and benchmarks; call it from the
+ * Restricts the kernels to a set no higher than the CPU's: "amx",
+ * "avx512bf16", "avx2" or "c".  Returns false, changing nothing, for an
+ * unknown name or a set the CPU lacks.  For tests and benchmarks; call it from the
  * thread that runs the engine, between products.
  */
 bool		fm_force_isa(const char *name);

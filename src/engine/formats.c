@@ -12,9 +12,11 @@
  *
  * The kernel set is chosen once, on first use, from the CPU (GCC's
  * __builtin_cpu_supports, which also checks that the OS saves the vector
- * registers).  The x86 kernels (kernels_x86.c) are compiled with
- * target attributes, so the build needs no -mavx flags and a CPU without
- * those instructions never runs them.
+ * registers).  The amx set also needs Linux's permission to use the tile
+ * registers, which fm_amx_request requests then.  The x86 kernels
+ * (kernels_x86.c, kernels_amx.c) are compiled with target attributes, so
+ * the build needs no -mavx flags and a CPU without those instructions
+ * never runs them.
  *
  *-------------------------------------------------------------------------
  */
@@ -477,7 +479,7 @@ detect_isa(void)
 	if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
 		__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
 		__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma"))
-		return FM_ISA_AVX512BF16;
+		return fm_amx_request() ? FM_ISA_AMX : FM_ISA_AVX512BF16;
 	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
 		return FM_ISA_AVX2;
 #endif
@@ -495,7 +497,7 @@ fm_isa_current(void)
 	return (fm_isa) current_isa;
 }
 
-static const char *const isa_names[] = {"c", "avx2", "avx512bf16"};
+static const char *const isa_names[] = {"c", "avx2", "avx512bf16", "amx"};
 
 const char *
 fm_kernel_isa(void)
@@ -507,7 +509,7 @@ bool
 fm_force_isa(const char *name)
 {
 	(void) fm_isa_current();
-	for (int i = 0; i <= (int) FM_ISA_AVX512BF16; i++)
+	for (int i = 0; i <= (int) FM_ISA_AMX; i++)
 		if (strcmp(name, isa_names[i]) == 0)
 		{
 			if (i > detected_isa)
@@ -525,7 +527,9 @@ range_kernel(fm_weight_format format)
 	fm_isa		isa = fm_isa_current();
 
 #if defined(__x86_64__)
-	if (isa == FM_ISA_AVX512BF16)
+	if (isa == FM_ISA_AMX && format == FM_WEIGHTS_BF16)
+		return fm_bf16_panels_amx;
+	if (isa >= FM_ISA_AVX512BF16)
 		return format == FM_WEIGHTS_F32 ? fm_f32_rows_avx512 :
 			format == FM_WEIGHTS_BF16 ? fm_bf16_panels_avx512 : fm_q8_panels_avx512;
 	if (isa == FM_ISA_AVX2)

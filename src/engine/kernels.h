@@ -4,9 +4,10 @@
  *	  Numeric kernels of the forward pass, internal to the engine.
  *
  * Products of weight matrices have a plain C reference and AVX2 and
- * AVX-512 versions chosen at run time (fm_kernel_isa); fp32 prompt
- * chunks go to the sgemm set by fm_set_sgemm (OpenBLAS).  Matrices are
- * [out, in]; fp32 ones are row-major.  The other kernels are plain C.
+ * AVX-512 versions chosen at run time (fm_kernel_isa), and bf16 ones an
+ * AMX version too; fp32 prompt chunks go to the sgemm set by
+ * fm_set_sgemm (OpenBLAS).  Matrices are [out, in]; fp32 ones are
+ * row-major.  The other kernels are plain C.
  *
  *-------------------------------------------------------------------------
  */
@@ -66,7 +67,8 @@ typedef enum fm_isa
 {
 	FM_ISA_C = 0,
 	FM_ISA_AVX2,
-	FM_ISA_AVX512BF16
+	FM_ISA_AVX512BF16,
+	FM_ISA_AMX					/* avx512bf16, but bf16 products on AMX tiles */
 } fm_isa;
 
 /* The kernel set in use: the CPU's best unless fm_force_isa lowered it. */
@@ -100,6 +102,14 @@ void		fm_q8_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end);
 void		fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
 void		fm_bf16_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
 void		fm_q8_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
+void		fm_bf16_panels_amx(const fm_mm_job *job, int32_t begin, int32_t end);
+
+/*
+ * Requests Linux's permission for the tile registers on the first call,
+ * and returns whether the CPU has AMX-BF16 and this process may use it
+ * (kernels_amx.c).  Not safe to call from a signal handler.
+ */
+bool		fm_amx_request(void);
 #endif
 
 /* y[n] = w[n] * x[n] / sqrt(mean(x^2) + eps); y may alias x. */

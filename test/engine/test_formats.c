@@ -13,8 +13,11 @@
  *
  *-------------------------------------------------------------------------
  */
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "engine/engine.h"
 #include "engine/kernels.h"
@@ -327,7 +330,10 @@ check_product(const product_case *pc, const char *isa)
 				exact += (double) wo[k] * xr[k];
 			}
 
-			/* fp32 accumulation of cols terms (cols / 32 blocks for q8) */
+			/*
+			 * fp32 accumulation of cols terms (cols / 32 blocks for q8), in
+			 * any order, so it also bounds the amx set's tile sums
+			 */
 			if (fabs(got - ref) > (pc->cols + 4) * ldexp(1.0, -24) * mag + 1e-30)
 				tight_fail++;
 
@@ -379,11 +385,11 @@ check_product(const product_case *pc, const char *isa)
 static int
 available_isas(const char **names)
 {
-	static const char *const all[] = {"c", "avx2", "avx512bf16"};
+	static const char *const all[] = {"c", "avx2", "avx512bf16", "amx"};
 	const char *best = fm_kernel_isa();
 	int			n = 0;
 
-	for (int i = 0; i < 3; i++)
+	for (int i = 0; i < 4; i++)
 	{
 		names[n++] = all[i];
 		if (strcmp(all[i], best) == 0)
@@ -395,13 +401,17 @@ available_isas(const char **names)
 static void
 test_products_every_isa(void)
 {
-	const char *isas[3];
+	const char *isas[4];
 	int			n_isas = available_isas(isas);
 	const char *best = fm_kernel_isa();
 	static const product_case cases[] = {
 		{FM_WEIGHTS_F32, 1, 7, 1}, {FM_WEIGHTS_F32, 33, 100, 3}, {FM_WEIGHTS_F32, 70, 1000, 1},
 		{FM_WEIGHTS_BF16, 1, 2, 1}, {FM_WEIGHTS_BF16, 15, 37, 1}, {FM_WEIGHTS_BF16, 17, 64, 9},
 		{FM_WEIGHTS_BF16, 100, 200, 20}, {FM_WEIGHTS_BF16, 48, 1024, 3}, {FM_WEIGHTS_BF16, 33, 1, 2},
+		/* several 16-row tiles, a short last K block, a partial last panel */
+		{FM_WEIGHTS_BF16, 40, 100, 37}, {FM_WEIGHTS_BF16, 50, 4096, 64}, {FM_WEIGHTS_BF16, 17, 31, 33},
+		/* a K long enough for the amx kernel to split it into chunks */
+		{FM_WEIGHTS_BF16, 20, 11000, 40},
 		{FM_WEIGHTS_Q8, 1, 32, 1}, {FM_WEIGHTS_Q8, 15, 64, 1}, {FM_WEIGHTS_Q8, 17, 96, 9},
 		{FM_WEIGHTS_Q8, 100, 256, 20}, {FM_WEIGHTS_Q8, 48, 1024, 3}, {FM_WEIGHTS_Q8, 31, 32, 64},
 	};
@@ -431,7 +441,10 @@ test_force_isa(void)
 	/* lowering is undone by naming the best set again */
 	CHECK(fm_force_isa(best));
 	CHECK(strcmp(fm_kernel_isa(), best) == 0);
-	if (strcmp(best, "avx512bf16") != 0)
+	/* a set above the CPU's is rejected */
+	if (strcmp(best, "amx") != 0)
+		CHECK(!fm_force_isa("amx"));
+	if (strcmp(best, "amx") != 0 && strcmp(best, "avx512bf16") != 0)
 		CHECK(!fm_force_isa("avx512bf16"));
 }
 
@@ -443,7 +456,7 @@ test_force_isa(void)
 static void
 test_same_bits_threads_and_rows(void)
 {
-	const char *isas[3];
+	const char *isas[4];
 	int			n_isas = available_isas(isas);
 	const char *best = fm_kernel_isa();
 	const int32_t out = 1000;
@@ -494,6 +507,174 @@ test_same_bits_threads_and_rows(void)
 	free(y1);
 	free(yn);
 	free(scratch);
+}
+
+/*
+ * Every kernel set: each row of an n-row product is bitwise the product
+ * of that row alone, with 1 and 3 threads, for n from 1 to 40 (for the
+ * long case, n at the edges of 16-row tiles).  The shapes give a short
+ * last K block (bf16: 69 columns are 35 pairs, 2 blocks of 16 and 3), a
+ * partial last panel (1000 rows) and row counts that fill 16-row tiles
+ * partly.  The long case (16390 columns) makes the amx kernel split K
+ * into chunks for some row counts and not for others.  The scratch is
+ * filled with NaN bytes before every product, so a kernel that reads
+ * encoded activations past a row's columns gives non-finite outputs.
+ */
+static void
+test_same_bits_every_row_count(void)
+{
+	static const struct
+	{
+		fm_weight_format format;
+		int32_t		out;
+		int32_t		cols;
+		bool		sparse;			/* only n = 1, 2, 16, 17, 33 and 40 */
+	}			cases[] = {
+		{FM_WEIGHTS_BF16, 1000, 69, false}, {FM_WEIGHTS_Q8, 1000, 96, false},
+		{FM_WEIGHTS_BF16, 40, 16390, true},
+	};
+	const char *isas[4];
+	int			n_isas = available_isas(isas);
+	const char *best = fm_kernel_isa();
+	const int32_t max_rows = 40;
+
+	for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++)
+	{
+		fm_weight_format f = cases[c].format;
+		int32_t		out = cases[c].out;
+		int32_t		cols = cases[c].cols;
+		float	   *w = malloc(sizeof(float) * out * cols);
+		float	   *x = malloc(sizeof(float) * max_rows * cols);
+		float	   *single = malloc(sizeof(float) * max_rows * out);
+		float	   *y = malloc(sizeof(float) * max_rows * out);
+		size_t		scratch_bytes = fm_matmul_scratch_bytes(max_rows, cols);
+		void	   *scratch = aligned_block(scratch_bytes);
+		void	   *packed = aligned_block(fm_matrix_bytes(f, out, cols));
+		fm_matrix	m;
+
+		fill(w, (size_t) out * cols, 1.0f);
+		fill(x, (size_t) max_rows * cols, 1.0f);
+		fm_matrix_pack(f, w, out, cols, packed);
+		m = fm_matrix_view(f, packed, out, cols);
+		for (int i = 0; i < n_isas; i++)
+		{
+			int			rows_differ = 0;
+			int			not_finite = 0;
+
+			CHECK(fm_force_isa(isas[i]));
+			CHECK(fm_set_threads(1, NULL) == FM_OK);
+			for (int32_t r = 0; r < max_rows; r++)
+			{
+				memset(scratch, 0xff, scratch_bytes);
+				fm_matmul_w(single + (size_t) r * out, x + (size_t) r * cols, &m, 1, scratch);
+			}
+			for (size_t k = 0; k < (size_t) max_rows * out; k++)
+				if (!isfinite(single[k]))
+					not_finite++;
+			for (int32_t threads = 1; threads <= 3; threads += 2)
+			{
+				CHECK(fm_set_threads(threads, NULL) == FM_OK);
+				for (int32_t n = 1; n <= max_rows; n++)
+				{
+					if (cases[c].sparse && n != 1 && n != 2 && n != 16 && n != 17 && n != 33 &&
+						n != max_rows)
+						continue;
+					memset(scratch, 0xff, scratch_bytes);
+					fm_matmul_w(y, x, &m, n, scratch);
+					for (int32_t r = 0; r < n; r++)
+						if (memcmp(y + (size_t) r * out, single + (size_t) r * out,
+								   sizeof(float) * out) != 0)
+							rows_differ++;
+				}
+			}
+			if (rows_differ != 0 || not_finite != 0)
+				printf("  %s %s cols %d: %d rows differ from the row alone, %d outputs not finite\n",
+					   isas[i], fm_weight_format_name(f), cols, rows_differ, not_finite);
+			CHECK(rows_differ == 0);
+			CHECK(not_finite == 0);
+		}
+		free(w);
+		free(x);
+		free(single);
+		free(y);
+		free(scratch);
+		free(packed);
+	}
+	CHECK(fm_set_threads(1, NULL) == FM_OK);
+	CHECK(fm_force_isa(best));
+}
+
+/* ---------- kernel set when Linux rejects AMX ---------- */
+
+/* The argument that makes this program run run_rejected_amx_child. */
+#define REJECTED_AMX_CHILD "--rejected-amx-child"
+
+/*
+ * Runs in a child process of test_amx_rejected_falls_back.  It installs
+ * an 8 KiB sigaltstack, too small for a signal frame with the 8 KiB of
+ * AMX tile data, so Linux rejects the tile permission that the first
+ * product requests.  Prints the kernel set chosen, then checks a bf16
+ * product.  Returns 3 if the system rejects the sigaltstack itself.
+ */
+static int
+run_rejected_amx_child(void)
+{
+	static const product_case pc = {FM_WEIGHTS_BF16, 40, 100, 37};
+	stack_t		ss;
+
+	ss.ss_sp = malloc(8192);
+	ss.ss_size = 8192;
+	ss.ss_flags = 0;
+	if (sigaltstack(&ss, NULL) != 0)
+		return 3;
+	printf("kernel set: %s\n", fm_kernel_isa());
+	free(check_product(&pc, fm_kernel_isa()));
+	return TEST_SUMMARY();
+}
+
+/*
+ * When Linux rejects the AMX permission, the engine picks avx512bf16 (or
+ * the CPU's best set without AMX) and its products stay correct.  The
+ * kernel set is chosen once per process, so the check runs in a new one.
+ */
+static void
+test_amx_rejected_falls_back(void)
+{
+	const char *best = fm_kernel_isa();
+	const char *expected = strcmp(best, "amx") == 0 ? "avx512bf16" : best;
+	char		self[4096];
+	char		command[4200];
+	char		line[256];
+	char		isa[64] = "";
+	ssize_t		len = readlink("/proc/self/exe", self, sizeof(self) - 1);
+	FILE	   *child;
+	int			status;
+
+	CHECK(len > 0);
+	if (len <= 0)
+		return;
+	self[len] = '\0';
+	snprintf(command, sizeof(command), "'%s' %s", self, REJECTED_AMX_CHILD);
+	child = popen(command, "r");
+	CHECK(child != NULL);
+	if (child == NULL)
+		return;
+	while (fgets(line, sizeof(line), child) != NULL)
+	{
+		if (strncmp(line, "FAIL", 4) == 0)
+			printf("  child: %s", line);
+		sscanf(line, "kernel set: %63s", isa);
+	}
+	status = pclose(child);
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 3)
+	{
+		printf("  an 8 KiB sigaltstack was rejected: AMX fallback not tested\n");
+		return;
+	}
+	CHECK(WIFEXITED(status));
+	CHECK(WEXITSTATUS(status) == 0);
+	CHECK(strcmp(isa, expected) == 0);
+	printf("  kernel set with AMX rejected: %s\n", isa);
 }
 
 /* ---------- a converted model ---------- */
@@ -693,8 +874,10 @@ test_converted_model(void)
 }
 
 int
-main(void)
+main(int argc, char **argv)
 {
+	if (argc > 1 && strcmp(argv[1], REJECTED_AMX_CHILD) == 0)
+		return run_rejected_amx_child();
 	printf("kernel set: %s\n", fm_kernel_isa());
 	test_format_names();
 	test_matrix_bytes();
@@ -703,6 +886,8 @@ main(void)
 	test_force_isa();
 	test_products_every_isa();
 	test_same_bits_threads_and_rows();
+	test_same_bits_every_row_count();
+	test_amx_rejected_falls_back();
 	test_converted_model();
 	return TEST_SUMMARY();
 }
