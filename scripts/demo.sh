@@ -41,8 +41,8 @@ INSERT INTO prompts VALUES
      'This program is free software: you can redistribute it and/or modify'),
  (4, 'MIT licence',
      'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND,'),
- (5, 'C header',
-     E'#include <stdio.h>\n\nint main(int argc, char **argv)\n{'),
+ (5, 'C header (glibc stdio.h)',
+     E'#ifndef _STDIO_H\n#define _STDIO_H\t1\n\n#define __GLIBC_INTERNAL_STARTING_HEADER_IMPLEMENTATION\n#include <bits/libc-header-start.h>'),
  (6, 'Python',
      E'def parse_args():\n    parser = argparse.'),
  (7, 'man page',
@@ -55,12 +55,15 @@ SELECT id, source, prompt,
        flexmore_generate('default', prompt, max_tokens => 12) AS completion
 FROM prompts ORDER BY id;
 
--- The domain of each sentence, two ways: the domain expert that gives the
--- lowest perplexity next to the public expert, and the domain expert the
--- router picks most often over all tokens and layers.
+-- The domain of each sentence, two ways: the expert set that gives the
+-- lowest perplexity (the public expert alone, or the public expert with
+-- one domain expert), and the domain expert the router picks most often
+-- over all tokens and layers.
 SELECT p.id, p.source,
-       (SELECT d FROM unnest(ARRAY['danish', 'legal', 'code']) AS d
-        ORDER BY flexmore_perplexity('default', p.prompt, ARRAY['public', d]) LIMIT 1)
+       (SELECT d FROM unnest(ARRAY['public', 'danish', 'legal', 'code']) AS d
+        ORDER BY flexmore_perplexity('default', p.prompt,
+                                     CASE d WHEN 'public' THEN ARRAY['public']
+                                            ELSE ARRAY['public', d] END) LIMIT 1)
          AS best_expert,
        (SELECT e FROM flexmore_route('default', p.prompt) AS r, unnest(r.experts) AS e
         WHERE e <> 'public' GROUP BY e ORDER BY count(*) DESC, e LIMIT 1)
