@@ -122,7 +122,7 @@ _PG_init(void)
 
 	DefineCustomEnumVariable("flexmore.weight_format",
 							 "Format of the weight matrices a call computes with: f32, bf16 or q8.",
-							 "Weights are converted from the stored tensors when loaded; each format is cached separately. bf16 needs 2 and q8 about 1.25 bytes per weight against 4 for f32, at a small loss of accuracy.",
+							 "Weights are converted from the stored tensors when loaded; each format is cached separately. bf16 needs 2 and q8 about 1.06 bytes per weight against 4 for f32, at a small loss of accuracy.",
 							 &flexmore_weight_format,
 							 FM_WEIGHTS_F32, weight_format_options,
 							 PGC_SUSET, 0,

@@ -120,16 +120,22 @@ typedef struct fm_config
  * round each activation to bfloat16 too, and accumulate in fp32.
  *
  * FM_WEIGHTS_Q8: symmetric 8-bit blocks of FM_Q8_BLOCK columns, only for
- * matrices whose cols is a multiple of FM_Q8_BLOCK.  Per row and block,
- * scale = max|w| / 127 and q = round(w / scale) in [-127, 127].  With
- * np = ceil(rows / 16) panels and nb = cols / 32 blocks, the data is
- * three arrays, one after the other:
+ * matrices whose cols is a multiple of FM_Q8_BLOCK, 34 bytes per 32
+ * weights as in llama.cpp's Q8_0.  Per row and block, the scale
+ * d = max|w| / 127 is rounded so that d * 2^e is an fp16 value (e is the
+ * matrix's exponent, below), and q = round(w / d) in [-127, 127].  With
+ * np = ceil(rows / 16) panels and nb = cols / 32 blocks, the data is, one
+ * after the other:
  *	  int8 q[np][nb][8][16][4]: 4 neighbouring columns of 16 rows per 64 bytes
- *	  float scale[np][nb][16]
- *	  int32 sum[np][nb][16]: the sum of the block's q, for kernels that
- *	  offset activations to unsigned bytes
- * Products quantise each activation block the same way and sum each
- * block's integer products exactly before scaling.
+ *	  uint16 scale[np][nb][16]: IEEE binary16 bits of d * 2^e
+ *	  float unit = 2^-e, with e chosen per matrix so that the largest scale
+ *	  times 2^e lies in [2^14, 2^15): fp16 then holds every scale of the
+ *	  matrix down to 2^-29 of the largest as a normal number, whatever the
+ *	  weights' magnitude
+ * Products quantise each activation block the same way (with an fp32
+ * scale), sum each block's integer products exactly, multiply them by
+ * d * 2^e times the activation scale, and multiply each output's sum of
+ * blocks by unit.
  *
  * The panel layouts let one vector instruction work on 16 output rows at
  * once, for one decoded token and for prompt chunks alike.
@@ -155,8 +161,8 @@ typedef struct fm_matrix
 	int32_t		rows;
 	int32_t		cols;
 	const void *data;			/* NULL when the matrix is not set */
-	const float *scales;		/* q8 only: scale[np][nb][16] inside data */
-	const int32_t *sums;		/* q8 only: sum[np][nb][16] inside data */
+	const uint16_t *scales;		/* q8 only: fp16 scale[np][nb][16] inside data */
+	float		scale_unit;		/* q8 only: the matrix's 2^-e, stored after the scales */
 } fm_matrix;
 
 /*
@@ -194,7 +200,7 @@ void		fm_matrix_row(const fm_matrix *m, int32_t row, float *out);
 
 /*
  * The kernel set chosen from the CPU at first use: "amx", "avx512bf16"
- * (AVX-512 F, BW, VL, VNNI and BF16), "avx2" (AVX2 and FMA) or "c"
+ * (AVX-512 F, BW, VL, VNNI and BF16), "avx2" (AVX2, FMA and F16C) or "c"
  * (plain C).  "amx" is avx512bf16 with bf16 products on AMX tiles, chosen
  * when the CPU has AMX-BF16 and Linux grants this process the tile state.
  */

@@ -22,6 +22,9 @@
  */
 #include <math.h>
 #include <string.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include "engine/engine.h"
 #include "engine/kernels.h"
@@ -92,7 +95,7 @@ q8_data_bytes(int64_t rows, int64_t cols)
 static size_t
 q8_scale_bytes(int64_t rows, int64_t cols)
 {
-	return panels_of(rows) * (size_t) (cols / FM_Q8_BLOCK) * FM_PANEL_ROWS * sizeof(float);
+	return panels_of(rows) * (size_t) (cols / FM_Q8_BLOCK) * FM_PANEL_ROWS * sizeof(uint16_t);
 }
 
 size_t
@@ -118,9 +121,10 @@ fm_matrix_bytes(fm_weight_format format, int64_t rows, int64_t cols)
 		case FM_WEIGHTS_Q8:
 			if (cols % FM_Q8_BLOCK != 0)
 				return SIZE_MAX;
-			/* 512 bytes of q, 64 of scales and 64 of sums per panel and block */
+			/* 512 bytes of q and 32 of scales per panel and block, then the unit */
 			if (__builtin_mul_overflow(panels_of(rows), (size_t) (cols / FM_Q8_BLOCK), &bytes) ||
-				__builtin_mul_overflow(bytes, (size_t) 640, &bytes))
+				__builtin_mul_overflow(bytes, (size_t) 544, &bytes) ||
+				__builtin_add_overflow(bytes, sizeof(float), &bytes))
 				return SIZE_MAX;
 			break;
 		default:
@@ -153,19 +157,84 @@ bf16_widen(uint16_t h)
 }
 
 /*
- * Quantises n <= 32 values symmetrically: q = round(v / scale) with
- * scale = max|v| / 127, ties to even as lrintf rounds by default.
- * Returns the scale, 0 for an all-zero block.
+ * Rounds a finite f in [0, 65520) to the nearest IEEE binary16, ties to
+ * even.  Below 2^-14 the result is subnormal, in steps of 2^-24.
+ */
+static uint16_t
+fp16_round(float f)
+{
+	uint32_t	u;
+
+	memcpy(&u, &f, sizeof(u));
+	if (u < (113u << 23))
+		/* f * 2^24 is exact and at most 1024, whose bits are those of 2^-14, the smallest normal */
+		return (uint16_t) lrintf(f * 0x1p24f);
+	u += 0xfffu + ((u >> 13) & 1u);
+	/* rebias the exponent from 127 to 15; a mantissa carry moves into it */
+	return (uint16_t) ((u >> 13) - (112u << 10));
+}
+
+static inline float
+fp16_widen(uint16_t h)
+{
+	uint32_t	u;
+	float		f;
+
+	if ((h & 0x7c00u) == 0)
+		return (float) (h & 0x3ffu) * 0x1p-24f;
+	u = ((uint32_t) (h & 0x7fffu) << 13) + (112u << 23);
+	memcpy(&f, &u, sizeof(f));
+	return f;
+}
+
+static float
+block_amax(const float *v, size_t n)
+{
+	float		amax = 0.0f;
+
+	for (size_t i = 0; i < n; i++)
+		if (fabsf(v[i]) > amax)
+			amax = fabsf(v[i]);
+	return amax;
+}
+
+/*
+ * Quantises n <= 32 weights to q = round(v / scale), ties to even as
+ * lrintf rounds by default, clamped to [-127, 127].  scale is 0 for an
+ * all-zero block.
+ */
+static void
+quantize_with_scale(const float *v, int32_t n, float scale, int8_t *q)
+{
+	if (scale == 0.0f)
+	{
+		memset(q, 0, n);
+		return;
+	}
+	for (int32_t i = 0; i < n; i++)
+	{
+		long		r = lrintf(v[i] / scale);
+
+		/* a normal fp16 scale keeps max|v| / scale below 127.07; a subnormal one may not */
+		if (r > 127)
+			r = 127;
+		if (r < -127)
+			r = -127;
+		q[i] = (int8_t) r;
+	}
+}
+
+/*
+ * Quantises n <= 32 activations symmetrically: q = round(v * (127 /
+ * max|v|)), ties to even.  Returns the scale max|v| / 127, 0 for an
+ * all-zero block.
  */
 static float
 quantize_block(const float *v, int32_t n, int8_t *q)
 {
-	float		amax = 0.0f;
+	float		amax = block_amax(v, n);
 	float		inv;
 
-	for (int32_t i = 0; i < n; i++)
-		if (fabsf(v[i]) > amax)
-			amax = fabsf(v[i]);
 	if (amax == 0.0f)
 	{
 		memset(q, 0, n);
@@ -184,6 +253,29 @@ quantize_block(const float *v, int32_t n, int8_t *q)
 		q[i] = (int8_t) r;
 	}
 	return amax / 127.0f;
+}
+
+/*
+ * Returns the unit 2^-e of a q8 matrix whose largest block scale is
+ * max_scale: max_scale * 2^e lies in [2^14, 2^15), well inside fp16's
+ * normal range, and e stays within [-126, 126] so the unit is a normal
+ * fp32.  An all-zero matrix gets 1.
+ */
+static float
+q8_unit(float max_scale)
+{
+	int			exponent;
+	int			e;
+
+	if (max_scale == 0.0f)
+		return 1.0f;
+	(void) frexpf(max_scale, &exponent);
+	e = 15 - exponent;
+	if (e > 126)
+		e = 126;
+	if (e < -126)
+		e = -126;
+	return ldexpf(1.0f, -e);
 }
 
 void
@@ -217,10 +309,12 @@ fm_matrix_pack(fm_weight_format format, const float *src, int32_t rows, int32_t 
 	{
 		size_t		nb = (size_t) cols / FM_Q8_BLOCK;
 		int8_t	   *q = dst;
-		float	   *scales = (float *) ((char *) dst + q8_data_bytes(rows, cols));
-		int32_t    *sums = (int32_t *) ((char *) scales + q8_scale_bytes(rows, cols));
+		uint16_t   *scales = (uint16_t *) ((char *) dst + q8_data_bytes(rows, cols));
+		float		unit = q8_unit(block_amax(src, (size_t) rows * cols) / 127.0f);
+		float		to_stored = 1.0f / unit;
 
 		memset(dst, 0, fm_matrix_bytes(format, rows, cols));
+		memcpy((char *) scales + q8_scale_bytes(rows, cols), &unit, sizeof(unit));
 		for (int32_t o = 0; o < rows; o++)
 		{
 			size_t		p = (size_t) o / FM_PANEL_ROWS;
@@ -228,18 +322,15 @@ fm_matrix_pack(fm_weight_format format, const float *src, int32_t rows, int32_t 
 
 			for (size_t b = 0; b < nb; b++)
 			{
+				const float *wb = src + (size_t) o * cols + b * FM_Q8_BLOCK;
 				int8_t		block[FM_Q8_BLOCK];
 				int8_t	   *qb = q + (p * nb + b) * 512;
-				int32_t		sum = 0;
+				uint16_t	d = fp16_round(block_amax(wb, FM_Q8_BLOCK) / 127.0f * to_stored);
 
-				scales[(p * nb + b) * FM_PANEL_ROWS + j] =
-					quantize_block(src + (size_t) o * cols + b * FM_Q8_BLOCK, FM_Q8_BLOCK, block);
+				scales[(p * nb + b) * FM_PANEL_ROWS + j] = d;
+				quantize_with_scale(wb, FM_Q8_BLOCK, fp16_widen(d) * unit, block);
 				for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
-				{
 					qb[(k / 4) * 64 + j * 4 + (k % 4)] = block[k];
-					sum += block[k];
-				}
-				sums[(p * nb + b) * FM_PANEL_ROWS + j] = sum;
 			}
 		}
 	}
@@ -257,8 +348,9 @@ fm_matrix_view(fm_weight_format format, const void *data, int32_t rows, int32_t 
 	m.data = data;
 	if (format == FM_WEIGHTS_Q8 && data != NULL)
 	{
-		m.scales = (const float *) ((const char *) data + q8_data_bytes(rows, cols));
-		m.sums = (const int32_t *) ((const char *) m.scales + q8_scale_bytes(rows, cols));
+		m.scales = (const uint16_t *) ((const char *) data + q8_data_bytes(rows, cols));
+		memcpy(&m.scale_unit, (const char *) m.scales + q8_scale_bytes(rows, cols),
+			   sizeof(m.scale_unit));
 	}
 	return m;
 }
@@ -297,7 +389,8 @@ fm_matrix_row(const fm_matrix *m, int32_t row, float *out)
 				for (size_t b = 0; b < nb; b++)
 				{
 					const int8_t *qb = (const int8_t *) m->data + (p * nb + b) * 512;
-					float		scale = m->scales[(p * nb + b) * FM_PANEL_ROWS + j];
+					float		scale = fp16_widen(m->scales[(p * nb + b) * FM_PANEL_ROWS + j]) *
+						m->scale_unit;
 
 					for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
 						out[b * FM_Q8_BLOCK + k] = scale * qb[(k / 4) * 64 + j * 4 + (k % 4)];
@@ -425,8 +518,9 @@ bf16_panels_c(const fm_mm_job *job, int32_t begin, int32_t end)
 
 /*
  * Each block's integer sum is exact, then sum += isum * (scale_w *
- * scale_x) per block in order.  The 16 rows of a panel are summed side by
- * side, as for bf16.
+ * scale_x) per block in order, with scale_w the stored fp16 scale, and
+ * the sum is multiplied by the matrix's unit at the end.  The 16 rows of
+ * a panel are summed side by side, as for bf16.
  */
 static void
 q8_panels_c(const fm_mm_job *job, int32_t begin, int32_t end)
@@ -458,8 +552,11 @@ q8_panels_c(const fm_mm_job *job, int32_t begin, int32_t end)
 						for (int32_t t = 0; t < 4; t++)
 							isum[j] += qb[g * 64 + j * 4 + t] * xb[g * 4 + t];
 				for (int32_t j = 0; j < FM_PANEL_ROWS; j++)
-					acc[j] += (float) isum[j] * (w->scales[blk * FM_PANEL_ROWS + j] * xs[b]);
+					acc[j] += (float) isum[j] * (fp16_widen(w->scales[blk * FM_PANEL_ROWS + j]) *
+												 xs[b]);
 			}
+			for (int32_t j = 0; j < FM_PANEL_ROWS; j++)
+				acc[j] *= w->scale_unit;
 			memcpy(job->y + (size_t) r * job->ldy + (size_t) p * FM_PANEL_ROWS, acc,
 				   sizeof(float) * valid);
 		}
@@ -475,12 +572,20 @@ static fm_isa
 detect_isa(void)
 {
 #if defined(__x86_64__)
+	unsigned int eax,
+				ebx,
+				ecx = 0,
+				edx;
+
+	/* F16C widens q8 scales in the AVX2 kernels; clang 14's __builtin_cpu_supports lacks it */
+	if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx))
+		ecx = 0;
 	__builtin_cpu_init();
 	if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
 		__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
 		__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("fma"))
 		return fm_amx_request() ? FM_ISA_AMX : FM_ISA_AVX512BF16;
-	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && (ecx & bit_F16C) != 0)
 		return FM_ISA_AVX2;
 #endif
 	return FM_ISA_C;

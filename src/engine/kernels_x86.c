@@ -23,8 +23,10 @@
  * one row the activation's sign moves onto the weights (|x| * (w sign x)),
  * which needs nothing more from memory.  For several rows that would
  * cost one extra instruction per row and weight vector, so activations
- * are offset to x + 128 instead, and 128 times the block's stored weight
- * sum is subtracted.  Both give the exact integer sum of each block.
+ * are offset to x + 128 instead, and 128 times the block's weight sum is
+ * subtracted.  That sum costs one VPDPBUSD of ones per weight vector,
+ * shared by the rows of the tile, so the format stores no sums.  Both
+ * ways give the exact integer sum of each block.
  *
  * q8 (AVX2): VPMADDUBSW on |x| and (w sign x) cannot overflow, because
  * |q| <= 127 makes each pair at most 2 * 127 * 127 = 32258.
@@ -39,10 +41,23 @@
 #include "engine/engine.h"
 #include "engine/kernels.h"
 
-#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX512_TARGET \
 	__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512bf16,avx2,fma")))
 #define INLINE inline __attribute__((always_inline))
+
+/*
+ * Bytes ahead of the weights in use that the q8 kernels which take one
+ * activation row at a time (AVX-512 decoding, every AVX2 product)
+ * prefetch into L2, one line per 64 bytes.  A decoded token streams every
+ * weight once.  With the hardware prefetchers alone, a loop of one-row
+ * products over 1 GB of matrices read about 77% as fast as a plain read.
+ * Distances of 4 to 16 KB gave about 88 to 92%.  These are estimates, measured
+ * on a 2-vCPU Xeon with AVX-512 under load.  Prefetching past the end of
+ * a matrix cannot fault.
+ */
+#define Q8_PREFETCH_BYTES 8192
+
 /* nr is a constant at every call, so full unrolling keeps arrays in registers */
 #define FULL_UNROLL _Pragma("GCC unroll 8")
 
@@ -151,12 +166,20 @@ fm_bf16_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end)
 	}
 }
 
+/* Widens 8 fp16 values to fp32 (exact). */
+AVX2_TARGET static INLINE __m256
+widen_fp16x8(const uint16_t *h)
+{
+	return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) h));
+}
+
 AVX2_TARGET void
 fm_q8_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end)
 {
 	const fm_matrix *w = job->w;
 	int32_t		nb = w->cols / FM_Q8_BLOCK;
 	__m256i		ones = _mm256_set1_epi16(1);
+	__m256		unit = _mm256_set1_ps(w->scale_unit);
 
 	for (int32_t p = begin; p < end; p++)
 	{
@@ -181,6 +204,8 @@ fm_q8_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end)
 				__m256		xscale = _mm256_set1_ps(xs[b]);
 
 				for (int32_t g = 0; g < 8; g++)
+					_mm_prefetch((const char *) qb + Q8_PREFETCH_BYTES + g * 64, _MM_HINT_T1);
+				for (int32_t g = 0; g < 8; g++)
 				{
 					__m256i		xb = _mm256_set1_epi32(x4[b * 8 + g]);
 					__m256i		ax = _mm256_abs_epi8(xb);
@@ -193,10 +218,12 @@ fm_q8_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end)
 															   _mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones));
 				}
 				f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0),
-									 _mm256_mul_ps(_mm256_loadu_ps(w->scales + blk * 16), xscale), f0);
+									 _mm256_mul_ps(widen_fp16x8(w->scales + blk * 16), xscale), f0);
 				f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1),
-									 _mm256_mul_ps(_mm256_loadu_ps(w->scales + blk * 16 + 8), xscale), f1);
+									 _mm256_mul_ps(widen_fp16x8(w->scales + blk * 16 + 8), xscale), f1);
 			}
+			f0 = _mm256_mul_ps(f0, unit);
+			f1 = _mm256_mul_ps(f1, unit);
 			store_partial_avx2(y, f0, valid);
 			if (valid > 8)
 				store_partial_avx2(y + 8, f1, valid - 8);
@@ -348,6 +375,13 @@ fm_bf16_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
 		}
 }
 
+/* Widens 16 fp16 values to fp32 (exact). */
+AVX512_TARGET static INLINE __m512
+widen_fp16x16(const uint16_t *h)
+{
+	return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) h));
+}
+
 /* One activation row against panel p: the sign of x moves onto the weights. */
 AVX512_TARGET static void
 q8_row_avx512(const fm_mm_job *job, int32_t p, int32_t r)
@@ -368,6 +402,8 @@ q8_row_avx512(const fm_mm_job *job, int32_t p, int32_t r)
 		__m512i		i1 = _mm512_setzero_si512();
 		__m512		d;
 
+		for (int32_t g = 0; g < 8; g++)
+			_mm_prefetch((const char *) qb + Q8_PREFETCH_BYTES + g * 64, _MM_HINT_T1);
 		/* two chains for latency; integer sums are exact in any order */
 		for (int32_t g = 0; g < 8; g += 2)
 		{
@@ -381,11 +417,11 @@ q8_row_avx512(const fm_mm_job *job, int32_t p, int32_t r)
 			i0 = _mm512_dpbusd_epi32(i0, _mm512_abs_epi8(xa), wa);
 			i1 = _mm512_dpbusd_epi32(i1, _mm512_abs_epi8(xb), wb);
 		}
-		d = _mm512_mul_ps(_mm512_loadu_ps(w->scales + blk * 16), _mm512_set1_ps(xs[b]));
+		d = _mm512_mul_ps(widen_fp16x16(w->scales + blk * 16), _mm512_set1_ps(xs[b]));
 		acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1)), d, acc);
 	}
 	_mm512_mask_storeu_ps(job->y + (size_t) r * job->ldy + (size_t) p * FM_PANEL_ROWS,
-						  panel_mask(w, p), acc);
+						  panel_mask(w, p), _mm512_mul_ps(acc, _mm512_set1_ps(w->scale_unit)));
 }
 
 /* Computes nr activation rows from r0 against panel p, activations offset by 128. */
@@ -398,6 +434,8 @@ q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int unu
 	const float *xs[8];
 	__m512		acc[8];
 	__m512i		flip = _mm512_set1_epi32((int) 0x80808080u);
+	__m512i		ones = _mm512_set1_epi8(1);
+	__m512		unit = _mm512_set1_ps(w->scale_unit);
 
 	FULL_UNROLL
 		for (int r = 0; r < nr; r++)
@@ -413,8 +451,9 @@ q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int unu
 		size_t		blk = (size_t) p * nb + b;
 		const uint8_t *qb = (const uint8_t *) w->data + blk * 512;
 		__m512i		isum[8];
-		__m512i		offset = _mm512_slli_epi32(_mm512_loadu_si512(w->sums + blk * 16), 7);
-		__m512		sw = _mm512_loadu_ps(w->scales + blk * 16);
+		__m512i		wsum = _mm512_setzero_si512();
+		__m512i		offset;
+		__m512		sw = widen_fp16x16(w->scales + blk * 16);
 
 		FULL_UNROLL
 		for (int r = 0; r < nr; r++)
@@ -423,12 +462,15 @@ q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int unu
 		{
 			__m512i		wv = _mm512_loadu_si512(qb + g * 64);
 
+			wsum = _mm512_dpbusd_epi32(wsum, ones, wv);
+
 			FULL_UNROLL
 		for (int r = 0; r < nr; r++)
 				isum[r] = _mm512_dpbusd_epi32(isum[r],
 											  _mm512_xor_si512(_mm512_set1_epi32(x4[r][b * 8 + g]), flip),
 											  wv);
 		}
+		offset = _mm512_slli_epi32(wsum, 7);
 		FULL_UNROLL
 		for (int r = 0; r < nr; r++)
 			acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], offset)),
@@ -437,7 +479,7 @@ q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int unu
 	FULL_UNROLL
 		for (int r = 0; r < nr; r++)
 		_mm512_mask_storeu_ps(job->y + (size_t) (r0 + r) * job->ldy + (size_t) p * FM_PANEL_ROWS,
-							  panel_mask(w, p), acc[r]);
+							  panel_mask(w, p), _mm512_mul_ps(acc[r], unit));
 	(void) unused;
 }
 

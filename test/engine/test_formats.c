@@ -144,9 +144,10 @@ test_matrix_bytes(void)
 	/* bf16: one 64-byte vector per 16-row panel and column pair */
 	CHECK(fm_matrix_bytes(FM_WEIGHTS_BF16, 16, 2) == 64);
 	CHECK(fm_matrix_bytes(FM_WEIGHTS_BF16, 17, 3) == 2 * 2 * 64);
-	/* q8: 640 bytes per panel and block of 32 columns */
-	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 16, 32) == 640);
-	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 100, 64) == 7 * 2 * 640);
+	/* q8: 544 bytes per panel and block of 32 columns, then the 4-byte unit, rounded up to 64 */
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 16, 32) == 576);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 100, 64) == 7680);
+	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 16, 4096) == 128 * 544 + 64);
 	CHECK(fm_matrix_bytes(FM_WEIGHTS_Q8, 16, 33) == SIZE_MAX);
 	CHECK(fm_matrix_bytes(FM_WEIGHTS_F32, 0, 4) == SIZE_MAX);
 	CHECK(fm_matrix_bytes(FM_WEIGHTS_F32, (int64_t) 1 << 40, 4) == SIZE_MAX);
@@ -201,8 +202,58 @@ test_bf16_round_trip(void)
 	free(packed);
 }
 
+/* Value of IEEE binary16 bits h, decoded here independently of the engine. */
+static double
+fp16_value(uint16_t h)
+{
+	int			e = (h >> 10) & 0x1f;
+	int			m = h & 0x3ff;
+
+	if (e == 0)
+		return ldexp(m, -24);
+	return ldexp(1024 + m, e - 25);
+}
+
+/* Element (o, k) of a packed q8 matrix, at the place engine.h documents. */
+static int8_t
+q8_stored_weight(const void *packed, int32_t cols, int32_t o, int32_t k)
+{
+	size_t		nb = (size_t) cols / FM_Q8_BLOCK;
+	size_t		blk = (size_t) (o / FM_PANEL_ROWS) * nb + k / FM_Q8_BLOCK;
+	int32_t		c = k % FM_Q8_BLOCK;
+
+	return ((const int8_t *) packed)[blk * 512 + (c / 4) * 64 + (o % FM_PANEL_ROWS) * 4 + c % 4];
+}
+
+/* fp16 bits of the scale of row o, block b, at the place engine.h documents. */
+static uint16_t
+q8_stored_scale(const void *packed, int32_t rows, int32_t cols, int32_t o, int32_t b)
+{
+	size_t		nb = (size_t) cols / FM_Q8_BLOCK;
+	size_t		np = ((size_t) rows + FM_PANEL_ROWS - 1) / FM_PANEL_ROWS;
+	const uint16_t *scales = (const uint16_t *) ((const char *) packed + np * nb * 512);
+
+	return scales[((size_t) (o / FM_PANEL_ROWS) * nb + b) * FM_PANEL_ROWS + o % FM_PANEL_ROWS];
+}
+
+static float
+q8_stored_unit(const void *packed, int32_t rows, int32_t cols)
+{
+	size_t		nb = (size_t) cols / FM_Q8_BLOCK;
+	size_t		np = ((size_t) rows + FM_PANEL_ROWS - 1) / FM_PANEL_ROWS;
+	float		unit;
+
+	memcpy(&unit, (const char *) packed + np * nb * 544, sizeof(unit));
+	return unit;
+}
+
+/*
+ * Packs random weights of the given magnitude, with an all-zero block
+ * and a block with one value 50 times the others, and checks every
+ * element, scale and the unit against engine.h's rules.
+ */
 static void
-test_q8_round_trip(void)
+check_q8_round_trip(float magnitude)
 {
 	const int32_t rows = 35;
 	const int32_t cols = 96;
@@ -210,16 +261,25 @@ test_q8_round_trip(void)
 	float	   *row = malloc(sizeof(float) * cols);
 	void	   *packed = aligned_block(fm_matrix_bytes(FM_WEIGHTS_Q8, rows, cols));
 	fm_matrix	m;
+	float		unit;
+	int			unit_exponent;
+	double		max_stored_scale = 0.0;
 	int			over_bound = 0;
-	int			extremes_exact = 0;
-	int			wrong_sums = 0;
+	int			dequantised_wrong = 0;
+	int			extremes_not_127 = 0;
+	int			scales_off = 0;
+	int			blocks = 0;
 
-	fill(w, (size_t) rows * cols, 2.0f);
-	/* an all-zero block and a block with one large value */
+	fill(w, (size_t) rows * cols, magnitude);
 	memset(w + 3 * cols, 0, sizeof(float) * FM_Q8_BLOCK);
-	w[4 * cols + 5] = 100.0f;
+	w[4 * cols + 5] = 50.0f * magnitude;
 	fm_matrix_pack(FM_WEIGHTS_Q8, w, rows, cols, packed);
 	m = fm_matrix_view(FM_WEIGHTS_Q8, packed, rows, cols);
+	unit = q8_stored_unit(packed, rows, cols);
+	CHECK(m.scale_unit == unit);
+	/* the unit is a power of two */
+	CHECK(unit > 0.0f);
+	CHECK(frexpf(unit, &unit_exponent) == 0.5f);
 
 	for (int32_t o = 0; o < rows; o++)
 	{
@@ -228,44 +288,73 @@ test_q8_round_trip(void)
 		{
 			const float *wb = w + (size_t) o * cols + b * FM_Q8_BLOCK;
 			double		amax = 0.0;
-			int32_t		sum = 0;
+			double		stored = fp16_value(q8_stored_scale(packed, rows, cols, o, b));
+			double		d = stored * unit;
 
+			max_stored_scale = fmax(max_stored_scale, stored);
 			for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
 				amax = fmax(amax, fabs(wb[k]));
+
+			/*
+			 * d is amax / 127 rounded to fp32 (2^-24 relative) and then to
+			 * a normal fp16 (2^-11 relative).
+			 */
+			if (fabs(d - amax / 127.0) > amax / 127.0 * (ldexp(1.0, -11) + ldexp(1.0, -23)))
+				scales_off++;
+			blocks += amax > 0.0;
 			for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
 			{
 				double		e = fabs((double) row[b * FM_Q8_BLOCK + k] - wb[k]);
+				int8_t		q = q8_stored_weight(packed, cols, o, b * FM_Q8_BLOCK + k);
 
-				/* half a step of amax / 127, plus fp32 rounding of the scale */
-				if (e > amax / 254.0 * (1.0 + 1e-5) + 1e-30)
+				/*
+				 * Half a step of d, plus the fp32 rounding of w / d before
+				 * rounding to an integer and of the dequantised value: each
+				 * under amax * 2^-23.
+				 */
+				if (e > amax / 254.0 * (1.0 + ldexp(1.0, -11)) + amax * ldexp(1.0, -21))
 					over_bound++;
-				if (fabs(wb[k]) == amax && amax > 0.0 &&
-					fabs(row[b * FM_Q8_BLOCK + k] - wb[k]) <= amax * 1e-6)
-					extremes_exact++;
-				if (amax > 0.0)
-					sum += (int32_t) nearbyint(row[b * FM_Q8_BLOCK + k] / (amax / 127.0));
-			}
-			{
-				size_t		p = (size_t) o / FM_PANEL_ROWS;
-				size_t		nb = (size_t) cols / FM_Q8_BLOCK;
-
-				if (m.sums[(p * nb + b) * FM_PANEL_ROWS + o % FM_PANEL_ROWS] != sum)
-					wrong_sums++;
+				/* a scale rounded down can only reach 127.07, which rounds to 127 */
+				if (fabs(wb[k]) == amax && amax > 0.0 && abs(q) != 127)
+					extremes_not_127++;
+				/* q * d has at most 18 significant bits, so fp32 represents it exactly */
+				if (row[b * FM_Q8_BLOCK + k] != (float) (q * d))
+					dequantised_wrong++;
 			}
 		}
 	}
+	printf("  q8 round trip, weights of magnitude %g: unit %g, largest stored scale %g\n",
+		   magnitude, unit, max_stored_scale);
 	CHECK(over_bound == 0);
-	CHECK(wrong_sums == 0);
-	/* the largest value of each non-zero block maps to +-127 exactly */
-	CHECK(extremes_exact >= rows * cols / FM_Q8_BLOCK - 1);
+	CHECK(dequantised_wrong == 0);
+	CHECK(scales_off == 0);
+	CHECK(extremes_not_127 == 0);
+	CHECK(blocks == rows * cols / FM_Q8_BLOCK - 1);
+	/* the largest scale fills fp16's top binade below 2^15 (rounding may reach it) */
+	CHECK(max_stored_scale >= 16384.0);
+	CHECK(max_stored_scale <= 32768.0);
 	fm_matrix_row(&m, 3, row);
 	CHECK(row[0] == 0.0f);
 	CHECK(row[FM_Q8_BLOCK - 1] == 0.0f);
+	CHECK(q8_stored_scale(packed, rows, cols, 3, 0) == 0);
 	fm_matrix_row(&m, 4, row);
-	CHECK_NEAR(row[5], 100.0, 1e-4);
+	CHECK_NEAR(row[5] / magnitude, 50.0, 50.0 * ldexp(1.0, -10));
 	free(w);
 	free(row);
 	free(packed);
+}
+
+/*
+ * Magnitudes inside fp16's range and far outside it on both sides: 3e9
+ * gives scales above fp16's largest value 65504, 1e-12 gives scales
+ * below its smallest subnormal 2^-24.
+ */
+static void
+test_q8_round_trip(void)
+{
+	check_q8_round_trip(2.0f);
+	check_q8_round_trip(3e9f);
+	check_q8_round_trip(1e-12f);
 }
 
 /* ---------- products ---------- */
@@ -356,6 +445,12 @@ check_product(const product_case *pc, const char *isa)
 						wabs += fabs(wo[k]);
 						xabs += fabs(xr[k]);
 					}
+					/*
+					 * Each weight is off by at most half its block's step, which
+					 * the fp16 scale makes up to 2^-11 larger than max|w| / 254,
+					 * and each activation by half of max|x| / 127.  The factor
+					 * 1.01 covers these and the fp32 roundings of the scales.
+					 */
 					format_bound += (wmax / 254.0 * xabs + xmax / 254.0 * wabs +
 									 wmax * xmax / (254.0 * 254.0) * FM_Q8_BLOCK) * 1.01;
 				}
@@ -677,6 +772,76 @@ test_amx_rejected_falls_back(void)
 	printf("  kernel set with AMX rejected: %s\n", isa);
 }
 
+/*
+ * Every kernel set: q8 weights times 2^40 or 2^-40 store the same q and
+ * fp16 scales with another unit, so the products are the unscaled ones
+ * times the same power of two, bitwise.  Without the unit such weights
+ * would overflow fp16 scales or round them to zero.
+ */
+static void
+test_q8_power_of_two_weights(void)
+{
+	const char *isas[4];
+	int			n_isas = available_isas(isas);
+	const char *best = fm_kernel_isa();
+	const int32_t out = 40;
+	const int32_t cols = 256;
+	const int32_t rows = 9;
+	const int	shifts[] = {40, -40};
+	float	   *w = malloc(sizeof(float) * out * cols);
+	float	   *ws = malloc(sizeof(float) * out * cols);
+	float	   *x = malloc(sizeof(float) * rows * cols);
+	float	   *y = malloc(sizeof(float) * rows * out);
+	float	   *ys = malloc(sizeof(float) * rows * out);
+	void	   *packed = aligned_block(fm_matrix_bytes(FM_WEIGHTS_Q8, out, cols));
+	void	   *packed_s = aligned_block(fm_matrix_bytes(FM_WEIGHTS_Q8, out, cols));
+	void	   *scratch = aligned_block(fm_matmul_scratch_bytes(rows, cols));
+	fm_matrix	m;
+	fm_matrix	ms;
+
+	fill(w, (size_t) out * cols, 1.0f);
+	fill(x, (size_t) rows * cols, 1.0f);
+	fm_matrix_pack(FM_WEIGHTS_Q8, w, out, cols, packed);
+	m = fm_matrix_view(FM_WEIGHTS_Q8, packed, out, cols);
+	for (size_t s = 0; s < sizeof(shifts) / sizeof(shifts[0]); s++)
+	{
+		for (size_t i = 0; i < (size_t) out * cols; i++)
+			ws[i] = ldexpf(w[i], shifts[s]);
+		fm_matrix_pack(FM_WEIGHTS_Q8, ws, out, cols, packed_s);
+		ms = fm_matrix_view(FM_WEIGHTS_Q8, packed_s, out, cols);
+		CHECK(memcmp(packed, packed_s, (size_t) ((out + 15) / 16) * (cols / 32) * 544) == 0);
+		CHECK(ms.scale_unit == ldexpf(m.scale_unit, shifts[s]));
+		for (int i = 0; i < n_isas; i++)
+		{
+			int			differ = 0;
+
+			CHECK(fm_force_isa(isas[i]));
+			/* one row (decode) and several (the prompt kernels) */
+			for (int32_t n = 1; n <= rows; n += rows - 1)
+			{
+				fm_matmul_w(y, x, &m, n, scratch);
+				fm_matmul_w(ys, x, &ms, n, scratch);
+				for (size_t k = 0; k < (size_t) n * out; k++)
+					if (ys[k] != ldexpf(y[k], shifts[s]))
+						differ++;
+			}
+			if (differ != 0)
+				printf("  %s q8 weights times 2^%d: %d outputs differ\n", isas[i], shifts[s],
+					   differ);
+			CHECK(differ == 0);
+		}
+	}
+	CHECK(fm_force_isa(best));
+	free(w);
+	free(ws);
+	free(x);
+	free(y);
+	free(ys);
+	free(packed);
+	free(packed_s);
+	free(scratch);
+}
+
 /* ---------- a converted model ---------- */
 
 typedef struct tensor_store
@@ -888,6 +1053,7 @@ main(int argc, char **argv)
 	test_same_bits_threads_and_rows();
 	test_same_bits_every_row_count();
 	test_amx_rejected_falls_back();
+	test_q8_power_of_two_weights();
 	test_converted_model();
 	return TEST_SUMMARY();
 }
