@@ -728,15 +728,16 @@ run_rejected_amx_child(void)
 }
 
 /*
- * When Linux rejects the AMX permission, the engine picks avx512bf16 (or
- * the CPU's best set without AMX) and its products stay correct.  The
- * kernel set is chosen once per process, so the check runs in a new one.
+ * When Linux rejects the AMX permission, the engine picks a set without
+ * AMX (avx512bf16 on a CPU that has AMX) and its products stay correct.
+ * The kernel set is chosen once per process, so the check runs in a new
+ * one.  The child's set is not compared with this process's: under
+ * valgrind this process sees an emulated CPU while the child runs on the
+ * real one.
  */
 static void
 test_amx_rejected_falls_back(void)
 {
-	const char *best = fm_kernel_isa();
-	const char *expected = strcmp(best, "amx") == 0 ? "avx512bf16" : best;
 	char		self[4096];
 	char		command[4200];
 	char		line[256];
@@ -768,7 +769,8 @@ test_amx_rejected_falls_back(void)
 	}
 	CHECK(WIFEXITED(status));
 	CHECK(WEXITSTATUS(status) == 0);
-	CHECK(strcmp(isa, expected) == 0);
+	CHECK(isa[0] != '\0');
+	CHECK(strcmp(isa, "amx") != 0);
 	printf("  kernel set with AMX rejected: %s\n", isa);
 }
 
