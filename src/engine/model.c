@@ -726,7 +726,13 @@ moe_block(fm_session *s, int32_t layer, int32_t n)
 	int32_t		hidden = c->hidden_size;
 	int32_t		k = c->num_experts_per_tok;
 
-	fm_matmul(s->router, s->x, lw->router, n, c->num_experts, hidden);
+	/*
+	 * The engine's own product, not sgemm: a row's router logits must not
+	 * depend on how many experts the model has, so removing an expert
+	 * leaves every other expert set's output bitwise unchanged.  sgemm's
+	 * kernels for a narrow output change with its width.
+	 */
+	fm_f32_product(s->router, s->x, lw->router, n, c->num_experts, hidden);
 	for (int32_t i = 0; i < n; i++)
 		s->n_top[i] = fm_route(s->router + (size_t) i * c->num_experts,
 							   s->allowed, c->num_experts, k, c->norm_topk_prob,
