@@ -59,6 +59,19 @@ gguf="$work/gguf"
 results="${RESULTS:-$work/results.jsonl}"
 start_time=$(date +%s)
 
+# OpenBLAS picks its kernels when it loads, and one older than the CPU
+# falls back to SSE kernels.  Use the kernels the extension asks for
+# (fm_openblas_coretype), unless the environment names others.
+if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+	cpu_flags=" $(grep -m 1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+	has() { for f in "$@"; do [[ $cpu_flags == *" $f "* ]] || return 1; done; }
+	if has avx512f avx512bw avx512vl avx512dq avx512cd; then
+		export OPENBLAS_CORETYPE=SkylakeX
+	elif has avx2 fma; then
+		export OPENBLAS_CORETYPE=Haswell
+	fi
+fi
+
 log() {
 	echo "bench: $*" >&2
 }
@@ -115,6 +128,7 @@ record machine "\"cpu\": \"$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head
 	"\"load\": \"$(cut -d' ' -f1-3 /proc/loadavg)\", \"layers\": $LAYERS," \
 	"\"decode\": $DECODE, \"prompt\": $PROMPT, \"runs\": $RUNS," \
 	"\"engine_bench\": \"$(basename "$ENGINE_BENCH")\"," \
+	"\"openblas_coretype\": \"${OPENBLAS_CORETYPE:-}\"," \
 	"\"llama\": \"node-llama-cpp $llama_version, llama.cpp $llama_commit\""
 
 "$build/tools/flexmore-run" logits "$model/dense" --ids "$CHECK_IDS" >"$work/logits-flexmore.json"

@@ -15,7 +15,9 @@
  * all signals blocked and PostgreSQL's signal handlers only ever run on
  * the backend's own thread.  OPENBLAS_NUM_THREADS is set from
  * flexmore.threads before the library loads, because OpenBLAS sizes its
- * pool in the constructor.
+ * pool in the constructor, and OPENBLAS_CORETYPE from the CPU unless the
+ * server's environment sets it, because the constructor also picks the
+ * kernels and an OpenBLAS older than the CPU picks slow generic ones.
  *
  * State is per backend and touched only by the backend's main thread.
  *
@@ -47,6 +49,7 @@
 #define FM_OPENBLAS_SONAME "libopenblas.so.0"
 
 typedef void (*fm_set_num_threads_fn) (int);
+typedef char *(*fm_corename_fn) (void);
 
 static bool blas_tried = false;
 static void *blas_handle = NULL;
@@ -59,6 +62,7 @@ fm_blas_ensure(void)
 	sigset_t	saved;
 	char		threads[16];
 	void	   *sgemm;
+	fm_corename_fn corename;
 
 	if (blas_tried)
 		return;
@@ -66,6 +70,9 @@ fm_blas_ensure(void)
 
 	snprintf(threads, sizeof(threads), "%d", flexmore_threads);
 	setenv("OPENBLAS_NUM_THREADS", threads, 1);
+	/* A value in the server's environment wins (the 0 of setenv). */
+	if (fm_openblas_coretype() != NULL)
+		setenv("OPENBLAS_CORETYPE", fm_openblas_coretype(), 0);
 
 	sigfillset(&all);
 	sigprocmask(SIG_BLOCK, &all, &saved);
@@ -94,8 +101,9 @@ fm_blas_ensure(void)
 		return;
 	}
 	fm_set_sgemm((fm_sgemm_fn) sgemm);
-	elog(DEBUG1, "flexmore: loaded %s with %d threads", FM_OPENBLAS_SONAME,
-		 flexmore_threads);
+	corename = (fm_corename_fn) dlsym(blas_handle, "openblas_get_corename");
+	elog(DEBUG1, "flexmore: loaded %s with %d threads and %s kernels", FM_OPENBLAS_SONAME,
+		 flexmore_threads, corename != NULL ? corename() : "unknown");
 }
 
 void

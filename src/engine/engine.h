@@ -207,6 +207,17 @@ void		fm_matrix_row(const fm_matrix *m, int32_t row, float *out);
 const char *fm_kernel_isa(void);
 
 /*
+ * The OPENBLAS_CORETYPE that matches this CPU's vector instructions:
+ * "SkylakeX" with AVX-512 F, BW, VL, DQ and CD, "Haswell" with AVX2 and
+ * FMA, else NULL.  An OpenBLAS older than the CPU does not recognise it
+ * and falls back to SSE kernels ("Prescott"): Debian 12's 0.3.21 does so
+ * on a Xeon of family 6, model 207, where its sgemm ran at a third of the
+ * SkylakeX kernels' speed.  Setting the variable before OpenBLAS loads
+ * avoids that.
+ */
+const char *fm_openblas_coretype(void);
+
+/*
  * Restricts the kernels to a set no higher than the CPU's: "amx",
  * "avx512bf16", "avx2" or "c".  Returns false, changing nothing, for an
  * unknown name or a set the CPU lacks.  For tests and benchmarks; call it from the

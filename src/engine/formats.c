@@ -566,6 +566,21 @@ q8_panels_c(const fm_mm_job *job, int32_t begin, int32_t end)
 /* ---------- kernel set ---------- */
 
 static int	detected_isa = -1;
+const char *
+fm_openblas_coretype(void)
+{
+#if defined(__x86_64__)
+	__builtin_cpu_init();
+	if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+		__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+		__builtin_cpu_supports("avx512cd"))
+		return "SkylakeX";
+	if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+		return "Haswell";
+#endif
+	return NULL;
+}
+
 static int	current_isa = -1;
 
 static fm_isa
