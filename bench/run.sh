@@ -60,7 +60,7 @@ results="${RESULTS:-$work/results.jsonl}"
 start_time=$(date +%s)
 
 # OpenBLAS picks its kernels when it loads, and one older than the CPU
-# falls back to SSE kernels.  Use the kernels the extension asks for
+# falls back to SSE kernels.  Use the kernels the extension requests
 # (fm_openblas_coretype), unless the environment names others.
 if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
 	cpu_flags=" $(grep -m 1 '^flags' /proc/cpuinfo | cut -d: -f2) "

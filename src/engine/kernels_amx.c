@@ -16,8 +16,9 @@
  * blocks of 16, in increasing order, and a block short of 16 pairs (the
  * last, when cols is not a multiple of 32) is padded with zeros.  Within
  * a block the instruction sums in its own order, so most outputs differ
- * in the last bits from the avx512bf16 set's VDPBF16PS sums (93% of a
- * 16 x 4096 x 4096 product on a Xeon of CPUID family 6, model 207).  A row of C
+ * in the last bits from the avx512bf16 set's VDPBF16PS sums.  In a
+ * 16 x 4096 x 4096 product on a Xeon of CPUID family 6, model 207, 93%
+ * of the outputs differed.  A row of C
  * depends only on that row of A and on B, so a row gets the same bits
  * whichever tile, row count or thread range it lands in.  To keep that
  * contract for decoding too, the amx set uses this kernel for every row

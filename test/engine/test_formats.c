@@ -732,7 +732,7 @@ run_rejected_amx_child(void)
  * AMX (avx512bf16 on a CPU that has AMX) and its products stay correct.
  * The kernel set is chosen once per process, so the check runs in a new
  * one.  The child's set is not compared with this process's: under
- * valgrind this process sees an emulated CPU while the child runs on the
+ * valgrind this process detects an emulated CPU while the child runs on the
  * real one.
  */
 static void
