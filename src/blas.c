@@ -63,6 +63,7 @@ fm_blas_ensure(void)
 	char		threads[16];
 	void	   *sgemm;
 	fm_corename_fn corename;
+	const char *coretype;
 
 	if (blas_tried)
 		return;
@@ -71,8 +72,9 @@ fm_blas_ensure(void)
 	snprintf(threads, sizeof(threads), "%d", flexmore_threads);
 	setenv("OPENBLAS_NUM_THREADS", threads, 1);
 	/* A value in the server's environment wins (the 0 of setenv). */
-	if (fm_openblas_coretype() != NULL)
-		setenv("OPENBLAS_CORETYPE", fm_openblas_coretype(), 0);
+	coretype = fm_openblas_coretype();
+	if (coretype != NULL)
+		setenv("OPENBLAS_CORETYPE", coretype, 0);
 
 	sigfillset(&all);
 	sigprocmask(SIG_BLOCK, &all, &saved);

@@ -44,7 +44,7 @@
 #include "engine/engine.h"
 #include "engine/kernels.h"
 
-/* Older Linux headers lack this code; a kernel without AMX support rejects it. */
+/* Older Linux headers lack this code.  A kernel without AMX support rejects it. */
 #ifndef ARCH_REQ_XCOMP_PERM
 #define ARCH_REQ_XCOMP_PERM		0x1023
 #endif

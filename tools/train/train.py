@@ -52,8 +52,9 @@ def _openblas_coretype():
     return None
 
 
-if _openblas_coretype() and "OPENBLAS_CORETYPE" not in os.environ:
-    os.environ["OPENBLAS_CORETYPE"] = _openblas_coretype()
+_CORETYPE = _openblas_coretype()
+if _CORETYPE and "OPENBLAS_CORETYPE" not in os.environ:
+    os.environ["OPENBLAS_CORETYPE"] = _CORETYPE
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
