@@ -100,7 +100,7 @@ def parse_args():
     p.add_argument("--work", default=os.path.join(ROOT, "build", "train"),
                    help="folder with corpora/ and tokenizer/; outputs go to WORK/export")
     p.add_argument("--seed", type=int, default=20261204)
-    p.add_argument("--public-steps", type=int, default=1000)
+    p.add_argument("--public-steps", type=int, default=1200)
     p.add_argument("--expert-steps", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume-merged", action="store_true",
@@ -222,21 +222,27 @@ def round_bf16(model):
 
 # ---------- evaluation ----------
 
+def padded(group, eos):
+    """Chunks as one batch of eos + chunk ids, padded with eos after each
+    chunk, and the chunks' lengths.  Padding sits after a chunk, so the
+    causal mask keeps it out of every position of the chunk itself."""
+    width = max(len(c["ids"]) for c in group) + 1
+    ids = torch.full((len(group), width), eos, dtype=torch.long)
+    for i, c in enumerate(group):
+        ids[i, 1:len(c["ids"]) + 1] = torch.tensor(c["ids"])
+    return ids, torch.tensor([len(c["ids"]) for c in group])
+
+
 @torch.no_grad()
 def nll(model, chunks, eos, allowed=None):
     """Summed negative log-likelihood and token count over chunks, each
     scored after a leading eos id (the document boundary flexmore uses).
-    Chunks run in padded batches; padding sits after each chunk, so the
-    causal mask keeps it out of every scored position."""
+    Chunks run in padded batches (see padded())."""
     total, count = 0.0, 0
     for start in range(0, len(chunks), EVAL_BATCH):
-        group = chunks[start:start + EVAL_BATCH]
-        width = max(len(c["ids"]) for c in group) + 1
-        ids = torch.full((len(group), width), eos, dtype=torch.long)
-        valid = torch.zeros((len(group), width - 1), dtype=torch.bool)
-        for i, c in enumerate(group):
-            ids[i, 1:len(c["ids"]) + 1] = torch.tensor(c["ids"])
-            valid[i, :len(c["ids"])] = True
+        ids, lengths = padded(chunks[start:start + EVAL_BATCH], eos)
+        # Prediction i is of the chunk's token i.
+        valid = torch.arange(ids.shape[1] - 1) < lengths[:, None]
         lp = torch.log_softmax(model(ids[:, :-1], allowed), -1)
         picked = lp.gather(2, ids[:, 1:, None])[..., 0].double()
         total -= picked[valid].sum().item()
@@ -251,19 +257,24 @@ def ppl(model, chunks, eos, allowed=None):
 
 @torch.no_grad()
 def routing_share(model, chunks, eos, expert):
-    """Share of (token, layer) routing decisions that include expert."""
+    """Share of (token, layer) routing decisions that include expert.
+    Chunks run in padded batches (see padded())."""
     hits, total = 0, 0
-    for layer in model.layers:
-        layer.mlp.record = []
-    for c in chunks:
-        model(torch.tensor([[eos] + c["ids"]])[:, :-1])
-    for layer in model.layers:
-        for chosen in layer.mlp.record:
-            # The eos position is not part of the text.
-            chosen = chosen[0, 1:]
-            hits += int((chosen == expert).any(-1).sum())
-            total += chosen.shape[0]
-        layer.mlp.record = None
+    for start in range(0, len(chunks), EVAL_BATCH):
+        ids, lengths = padded(chunks[start:start + EVAL_BATCH], eos)
+        # Input position i + 1 is the chunk's token i.  Position 0 is the
+        # eos, which is not part of the text, and the last token is never
+        # an input.
+        pos = torch.arange(ids.shape[1] - 1)
+        text = (pos >= 1) & (pos < lengths[:, None])
+        for layer in model.layers:
+            layer.mlp.record = []
+        model(ids[:, :-1])
+        for layer in model.layers:
+            chosen = layer.mlp.record[0]
+            hits += int((chosen == expert).any(-1)[text].sum())
+            total += int(text.sum())
+            layer.mlp.record = None
     return hits / total
 
 
