@@ -340,3 +340,47 @@ REVOKE EXECUTE ON FUNCTION flexmore_expert_usage_reset() FROM PUBLIC;
 -- them, as a newly imported expert is granted to PUBLIC.
 INSERT INTO flexmore.expert_grants (model_id, expert_name, grantee)
 SELECT model_id, name, 0::oid::regrole FROM flexmore.experts;
+
+-- ---------- generation: repetition_penalty ----------
+-- A new last argument changes the functions' signatures, so the 0.1.0
+-- functions are dropped and created again.  Calls by position and by
+-- name keep working.
+
+DROP FUNCTION flexmore_generate(text, text, int, float8, float8, int, bigint, text[]);
+DROP FUNCTION flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[]);
+
+-- seed and experts may be NULL (a random seed, every expert).  A NULL in
+-- any other argument gives NULL, as a STRICT function would.  VOLATILE
+-- because a NULL seed draws a random one.  repetition_penalty divides the
+-- positive logits of tokens already in the prompt or the completion by
+-- itself and multiplies the negative ones (1 = off), as Hugging Face's
+-- generate does; it is last so that calls by position keep working.
+CREATE FUNCTION flexmore_generate(model_name text, prompt text,
+								  max_tokens int DEFAULT 64,
+								  temperature float8 DEFAULT 0,
+								  top_p float8 DEFAULT 1,
+								  top_k int DEFAULT 0,
+								  seed bigint DEFAULT NULL,
+								  experts text[] DEFAULT NULL,
+								  repetition_penalty float8 DEFAULT 1)
+RETURNS text
+AS 'MODULE_PATHNAME', 'flexmore_generate'
+LANGUAGE C VOLATILE PARALLEL SAFE COST 100000
+SET search_path = pg_catalog, pg_temp;
+
+-- Same as flexmore_generate, with why generation stopped ('eos',
+-- 'max_tokens' or 'length' when the context is full) and token counts.
+-- A NULL argument other than seed and experts gives no row.
+CREATE FUNCTION flexmore_generate_detail(model_name text, prompt text,
+										 max_tokens int DEFAULT 64,
+										 temperature float8 DEFAULT 0,
+										 top_p float8 DEFAULT 1,
+										 top_k int DEFAULT 0,
+										 seed bigint DEFAULT NULL,
+										 experts text[] DEFAULT NULL,
+										 repetition_penalty float8 DEFAULT 1)
+RETURNS TABLE (completion text, finish_reason text,
+			   prompt_tokens int, completion_tokens int)
+AS 'MODULE_PATHNAME', 'flexmore_generate_detail'
+LANGUAGE C VOLATILE PARALLEL SAFE COST 100000 ROWS 1
+SET search_path = pg_catalog, pg_temp;

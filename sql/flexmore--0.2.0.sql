@@ -135,14 +135,18 @@ SET search_path = pg_catalog, pg_temp;
 
 -- seed and experts may be NULL (a random seed, every expert).  A NULL in
 -- any other argument gives NULL, as a STRICT function would.  VOLATILE
--- because a NULL seed draws a random one.
+-- because a NULL seed draws a random one.  repetition_penalty divides the
+-- positive logits of tokens already in the prompt or the completion by
+-- itself and multiplies the negative ones (1 = off), as Hugging Face's
+-- generate does; it is last so that calls by position keep working.
 CREATE FUNCTION flexmore_generate(model_name text, prompt text,
 								  max_tokens int DEFAULT 64,
 								  temperature float8 DEFAULT 0,
 								  top_p float8 DEFAULT 1,
 								  top_k int DEFAULT 0,
 								  seed bigint DEFAULT NULL,
-								  experts text[] DEFAULT NULL)
+								  experts text[] DEFAULT NULL,
+								  repetition_penalty float8 DEFAULT 1)
 RETURNS text
 AS 'MODULE_PATHNAME', 'flexmore_generate'
 LANGUAGE C VOLATILE PARALLEL SAFE COST 100000
@@ -157,7 +161,8 @@ CREATE FUNCTION flexmore_generate_detail(model_name text, prompt text,
 										 top_p float8 DEFAULT 1,
 										 top_k int DEFAULT 0,
 										 seed bigint DEFAULT NULL,
-										 experts text[] DEFAULT NULL)
+										 experts text[] DEFAULT NULL,
+										 repetition_penalty float8 DEFAULT 1)
 RETURNS TABLE (completion text, finish_reason text,
 			   prompt_tokens int, completion_tokens int)
 AS 'MODULE_PATHNAME', 'flexmore_generate_detail'

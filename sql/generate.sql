@@ -56,6 +56,32 @@ SELECT flexmore_generate('gen', 'hello', 4, top_p => 0);
 SELECT flexmore_generate('gen', 'hello', 4, top_p => 1.5);
 SELECT flexmore_generate('gen', 'hello', 4, top_k => -1);
 
+-- repetition_penalty 1 is off.  With a penalty, the first token is the
+-- arg max of the logits after penalised() has applied it to the prompt's
+-- ids here in SQL.  The prompt ends in the plain arg max, so the penalty
+-- changes the choice.
+CREATE FUNCTION penalised(a real[], ids int[], p float8) RETURNS real[]
+LANGUAGE sql IMMUTABLE AS $$
+	SELECT array_agg(CASE WHEN i - 1 = ANY (ids)
+						  THEN CASE WHEN v > 0 THEN v / p ELSE v * p END
+						  ELSE v END ORDER BY i)::real[]
+	FROM unnest(a) WITH ORDINALITY AS t(v, i)
+$$;
+SELECT flexmore_generate('gen', 'hello world', 8, repetition_penalty => 1) =
+	   flexmore_generate('gen', 'hello world', 8) AS penalty_one_is_off;
+\set penalty_prompt 'hello world!'
+WITH p AS (SELECT flexmore_tokenize('gen', :'penalty_prompt') AS ids)
+SELECT flexmore_generate('gen', :'penalty_prompt', 1, repetition_penalty => 4) =
+	   flexmore_detokenize('gen', ARRAY[argmax(penalised(flexmore_logits('gen', ids), ids, 4))])
+	   AS penalty_first_token,
+	   argmax(penalised(flexmore_logits('gen', ids), ids, 4)) <>
+	   argmax(flexmore_logits('gen', ids)) AS penalty_changes_it
+FROM p;
+SELECT flexmore_generate('gen', 'hello', 4, repetition_penalty => 0);
+SELECT flexmore_generate('gen', 'hello', 4, repetition_penalty => -1.5);
+SELECT flexmore_generate('gen', 'hello', 4, repetition_penalty => 'NaN');
+SELECT flexmore_generate('gen', 'hello', 4, repetition_penalty => NULL) IS NULL AS null_penalty;
+
 -- max_tokens 0 gives '' without sampling; negative is an error; 1
 -- gives exactly one token unless it is an end-of-sequence id.
 SELECT flexmore_generate('gen', 'hello', 0) AS zero_tokens;

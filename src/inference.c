@@ -256,10 +256,13 @@ fm_generation_args(FunctionCallInfo fcinfo, fm_generation *g)
 	double		temperature;
 	double		top_p;
 	int32		top_k;
+	double		repetition_penalty;
 
 	for (int i = 0; i <= 5; i++)
 		if (PG_ARGISNULL(i))
 			return false;
+	if (PG_ARGISNULL(8))
+		return false;
 
 	g->model_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	g->prompt = PG_GETARG_TEXT_PP(1);
@@ -267,6 +270,7 @@ fm_generation_args(FunctionCallInfo fcinfo, fm_generation *g)
 	temperature = PG_GETARG_FLOAT8(3);
 	top_p = PG_GETARG_FLOAT8(4);
 	top_k = PG_GETARG_INT32(5);
+	repetition_penalty = PG_GETARG_FLOAT8(8);
 
 	if (g->max_tokens < 0)
 		ereport(ERROR,
@@ -287,10 +291,17 @@ fm_generation_args(FunctionCallInfo fcinfo, fm_generation *g)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("top_k must be 0 or more, not %d", top_k),
 				 errdetail("top_k 0 turns top-k sampling off.")));
+	if (isnan(repetition_penalty) || isinf(repetition_penalty) || repetition_penalty <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("repetition_penalty must be a finite number greater than 0, not %g",
+						repetition_penalty),
+				 errdetail("repetition_penalty 1 turns the penalty off; values above 1 make repeated tokens less likely.")));
 
 	g->params.temperature = temperature;
 	g->params.top_p = top_p;
 	g->params.top_k = top_k;
+	g->params.repetition_penalty = repetition_penalty;
 	if (PG_ARGISNULL(6))
 		g->params.seed = pg_prng_uint64(&pg_global_prng_state);
 	else
@@ -374,7 +385,8 @@ fm_generation_run(fm_generation *g)
 
 /*
  * flexmore_generate(model_name, prompt, max_tokens, temperature, top_p,
- * top_k, seed, experts) returns the completion without the prompt.
+ * top_k, seed, experts, repetition_penalty) returns the completion without
+ * the prompt.
  */
 Datum
 flexmore_generate(PG_FUNCTION_ARGS)

@@ -7,7 +7,7 @@
  *	  flexmore-run logits DIR --ids 1,2,3 [--experts NAME,NAME]
  *	  flexmore-run generate DIR (--ids 1,2,3 | --prompt TEXT) --max-tokens N
  *		  [--temperature T] [--top-p P] [--top-k K] [--seed S]
- *		  [--experts NAME,NAME] [--context N]
+ *		  [--repetition-penalty R] [--experts NAME,NAME] [--context N]
  *
  * The directory contains config.json and either model.safetensors or the
  * shards listed in model.safetensors.index.json.  Every tensor is
@@ -82,11 +82,13 @@ usage(void)
 			"usage: flexmore-run logits DIR --ids 1,2,3 [--experts NAME,NAME]\n"
 			"       flexmore-run generate DIR (--ids 1,2,3 | --prompt TEXT) --max-tokens N\n"
 			"           [--temperature T] [--top-p P] [--top-k K] [--seed S]\n"
-			"           [--experts NAME,NAME] [--context N]\n"
+			"           [--repetition-penalty R] [--experts NAME,NAME] [--context N]\n"
 			"  --temperature  sampling temperature, 0 (default) is greedy\n"
 			"  --top-p        nucleus probability mass in (0, 1], default 1 (off)\n"
 			"  --top-k        keep the K most likely ids, default 0 (off)\n"
 			"  --seed         random seed, default 0\n"
+			"  --repetition-penalty  divide the positive logits of ids already in the\n"
+			"                 context by R, multiply the negative ones; default 1 (off)\n"
 			"  --context      KV cache positions, default max_position_embeddings\n");
 	exit(2);
 }
@@ -101,7 +103,8 @@ main(int argc, char **argv)
 	const char *experts_arg = NULL;
 	int32_t		max_tokens = -1;
 	int32_t		context_len = 0;
-	fm_sampler_params params = {.temperature = 0.0, .top_p = 1.0, .top_k = 0, .seed = 0};
+	fm_sampler_params params = {.temperature = 0.0, .top_p = 1.0, .top_k = 0,
+		.repetition_penalty = 1.0, .seed = 0};
 	checkpoint	ck;
 	int32_t    *ids;
 	int32_t		n_ids;
@@ -137,6 +140,8 @@ main(int argc, char **argv)
 			params.top_p = strtod(val, NULL);
 		else if (strcmp(opt, "--top-k") == 0)
 			params.top_k = atoi(val);
+		else if (strcmp(opt, "--repetition-penalty") == 0)
+			params.repetition_penalty = strtod(val, NULL);
 		else if (strcmp(opt, "--seed") == 0)
 			params.seed = strtoull(val, NULL, 10);
 		else

@@ -518,6 +518,7 @@ typedef struct fm_sampler_params
 	double		temperature;	/* 0 = greedy; must be >= 0 and finite */
 	double		top_p;			/* (0, 1]; 1 = off */
 	int32_t		top_k;			/* 0 = off */
+	double		repetition_penalty; /* > 0 and finite; 1 = off */
 	uint64_t	seed;
 } fm_sampler_params;
 
@@ -542,6 +543,20 @@ int32_t		fm_sample(const float *logits, const bool *sampleable, int32_t vocab_si
 					  const fm_sampler_params *params, fm_rng *rng,
 					  float *scratch_f, int32_t *scratch_i);
 
+/*
+ * Penalises ids that are already in the context, as Hugging Face's
+ * repetition_penalty does (the rule of Keskar et al., "CTRL", 2019,
+ * arXiv:1909.05858).  The logit of every
+ * distinct id in ids[0 .. n) and more[0 .. n_more) that lies in
+ * [0, vocab_size) is divided by penalty when positive and multiplied by it
+ * otherwise, once however often the id occurs.  A penalty above 1 makes
+ * repeats less likely, below 1 more likely.  seen has vocab_size bytes,
+ * all zero on entry; they are zero again on return.
+ */
+void		fm_repetition_penalty(float *logits, int32_t vocab_size, double penalty,
+								  const int32_t *ids, int32_t n,
+								  const int32_t *more, int32_t n_more, uint8_t *seen);
+
 typedef enum fm_finish
 {
 	FM_FINISH_EOS = 0,			/* an end-of-sequence id was produced */
@@ -558,8 +573,11 @@ const char *fm_finish_name(fm_finish finish);
  * stored, or when the context is full.  Prompt and output together never
  * exceed the context, and a full context ends with FM_FINISH_LENGTH.
  * max_tokens 0 runs the prompt and samples nothing.  The last id stored
- * is not run through the model.  FM_EINVAL for a negative or non-finite
- * temperature, top_p outside (0, 1], negative top_k or max_tokens.
+ * is not run through the model.  A repetition_penalty other than 1 applies
+ * fm_repetition_penalty over the prompt and the ids produced so far before
+ * each sample.  FM_EINVAL for a negative or non-finite temperature, top_p
+ * outside (0, 1], a repetition_penalty that is not positive and finite,
+ * negative top_k or max_tokens.
  */
 fm_status	fm_generate(fm_session *session, const int32_t *prompt, int32_t n_prompt,
 						int32_t max_tokens, const fm_sampler_params *params,

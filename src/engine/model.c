@@ -138,6 +138,7 @@ session_layout(const fm_config *c, int32_t n_seq, int32_t context_len, fm_sessio
 	CARVE(logits, float, (size_t) c->vocab_size);
 	CARVE(sample_f, float, (size_t) c->vocab_size);
 	CARVE(sample_i, int32_t, (size_t) c->vocab_size);
+	CARVE(seen, uint8_t, (size_t) c->vocab_size);
 	CARVE(seq_position, int32_t, (size_t) n_seq);
 	CARVE(row_base, int32_t, rows);
 	CARVE(row_pos, int32_t, rows);
@@ -367,6 +368,7 @@ session_create(const fm_model *model, const fm_allocator *a, int32_t n_seq,
 	s->n_seq = n_seq;
 	s->cache_slots = n_seq * context_len;
 	memset(s->seq_position, 0, sizeof(int32_t) * n_seq);
+	memset(s->seen, 0, (size_t) c->vocab_size);
 	for (int32_t e = 0; e < c->num_experts; e++)
 		s->allowed[e] = true;
 	*out = s;

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * sampler.c
- *	  Token sampling (greedy, temperature, top-k, top-p) and the
- *	  generation loop.
+ *	  Token sampling (greedy, temperature, top-k, top-p, repetition
+ *	  penalty) and the generation loop.
  *
  * Only ids marked sampleable can come out: the embedding is padded past
  * the tokenizer's last id, and those rows can hold the largest logit.
@@ -222,6 +222,43 @@ fm_sample(const float *logits, const bool *sampleable, int32_t vocab_size,
 	return ids[n - 1];
 }
 
+static void
+penalise(float *logits, int32_t vocab_size, double penalty,
+		 const int32_t *ids, int32_t n, uint8_t *seen)
+{
+	for (int32_t i = 0; i < n; i++)
+	{
+		int32_t		id = ids[i];
+
+		if (id < 0 || id >= vocab_size || seen[id])
+			continue;
+		seen[id] = 1;
+		if (logits[id] > 0.0f)
+			logits[id] = (float) (logits[id] / penalty);
+		else
+			logits[id] = (float) (logits[id] * penalty);
+	}
+}
+
+static void
+unmark(int32_t vocab_size, const int32_t *ids, int32_t n, uint8_t *seen)
+{
+	for (int32_t i = 0; i < n; i++)
+		if (ids[i] >= 0 && ids[i] < vocab_size)
+			seen[ids[i]] = 0;
+}
+
+void
+fm_repetition_penalty(float *logits, int32_t vocab_size, double penalty,
+					  const int32_t *ids, int32_t n,
+					  const int32_t *more, int32_t n_more, uint8_t *seen)
+{
+	penalise(logits, vocab_size, penalty, ids, n, seen);
+	penalise(logits, vocab_size, penalty, more, n_more, seen);
+	unmark(vocab_size, ids, n, seen);
+	unmark(vocab_size, more, n_more, seen);
+}
+
 static bool
 is_eos(const fm_config *c, int32_t id)
 {
@@ -244,6 +281,10 @@ check_params(const fm_sampler_params *params, int32_t max_tokens, fm_error *err)
 	if (params->top_k < 0)
 		return fm_set_error(err, FM_EINVAL,
 							"top_k %d is negative", params->top_k);
+	if (!(params->repetition_penalty > 0.0) || !isfinite(params->repetition_penalty))
+		return fm_set_error(err, FM_EINVAL,
+							"repetition_penalty %g is invalid: it must be finite and > 0",
+							params->repetition_penalty);
 	if (max_tokens < 0)
 		return fm_set_error(err, FM_EINVAL,
 							"max_tokens %d is negative", max_tokens);
@@ -302,6 +343,9 @@ fm_generate(fm_session *session, const int32_t *prompt, int32_t n_prompt,
 			break;
 		}
 
+		if (params->repetition_penalty != 1.0)
+			fm_repetition_penalty(logits, c->vocab_size, params->repetition_penalty,
+								  prompt, n_prompt, out, *n_out, session->seen);
 		id = fm_sample(logits, sampleable, c->vocab_size, params, &rng,
 					   session->sample_f, session->sample_i);
 		if (id < 0)

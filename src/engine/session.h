@@ -58,6 +58,7 @@ struct fm_session
 	float	   *logits;			/* [vocab] next-token logits */
 	float	   *sample_f;		/* [vocab] sampler scratch */
 	int32_t    *sample_i;		/* [vocab] sampler scratch */
+	uint8_t    *seen;			/* [vocab] zero between calls; see fm_repetition_penalty */
 
 	/*
 	 * Several sequences in one session (fm_session_create_multi).  Sequence

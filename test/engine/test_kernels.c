@@ -341,8 +341,8 @@ test_sampler_padded_vocab(void)
 	/* ids 6 and 7 are padding past the tokenizer; 7 has the max logit */
 	const float logits[8] = {0.5f, 2.0f, 2.0f, -1.0f, 0.0f, 1.0f, 5.0f, 9.0f};
 	const bool	sampleable[8] = {true, true, true, true, true, true, false, false};
-	fm_sampler_params greedy = {.temperature = 0.0, .top_p = 1.0};
-	fm_sampler_params hot = {.temperature = 5.0, .top_p = 1.0};
+	fm_sampler_params greedy = {.temperature = 0.0, .top_p = 1.0, .repetition_penalty = 1.0};
+	fm_sampler_params hot = {.temperature = 5.0, .top_p = 1.0, .repetition_penalty = 1.0};
 	float		scratch_f[8];
 	int32_t		scratch_i[8];
 	fm_rng		rng;
@@ -387,7 +387,7 @@ test_sampler_top_p_and_frequencies(void)
 {
 	/* probabilities 0.5, 0.3, 0.2 at temperature 1 */
 	const float logits[3] = {logf(0.5f), logf(0.3f), logf(0.2f)};
-	fm_sampler_params params = {.temperature = 1.0, .top_p = 0.5};
+	fm_sampler_params params = {.temperature = 1.0, .top_p = 0.5, .repetition_penalty = 1.0};
 	float		scratch_f[3];
 	int32_t		scratch_i[3];
 	int			counts[3] = {0, 0, 0};
@@ -416,6 +416,35 @@ test_sampler_top_p_and_frequencies(void)
 	CHECK_NEAR(counts[2] / 20000.0, 0.2, 0.02);
 }
 
+static void
+test_repetition_penalty(void)
+{
+	float		logits[6] = {2.0f, -1.0f, 0.5f, 3.0f, 0.0f, 4.0f};
+	/* 0 twice, ids outside the vocabulary, 1 in both lists */
+	const int32_t ids[5] = {0, 1, 0, 7, -1};
+	const int32_t more[2] = {1, 3};
+	uint8_t		seen[6] = {0};
+	bool		clear = true;
+
+	fm_repetition_penalty(logits, 6, 2.0, ids, 5, more, 2, seen);
+	/* each id once: positive halved, negative doubled, 0 stays 0 */
+	CHECK(logits[0] == 1.0f);
+	CHECK(logits[1] == -2.0f);
+	CHECK(logits[2] == 0.5f);
+	CHECK(logits[3] == 1.5f);
+	CHECK(logits[4] == 0.0f);
+	CHECK(logits[5] == 4.0f);
+	for (int i = 0; i < 6; i++)
+		clear = clear && seen[i] == 0;
+	CHECK(clear);
+
+	/* below 1 favours repeats: 1.0 / 0.5 = 2, -2 * 0.5 = -1 */
+	fm_repetition_penalty(logits, 6, 0.5, ids, 2, NULL, 0, seen);
+	CHECK(logits[0] == 2.0f);
+	CHECK(logits[1] == -1.0f);
+	CHECK(logits[3] == 1.5f);
+}
+
 int
 main(void)
 {
@@ -429,5 +458,6 @@ main(void)
 	test_rng();
 	test_sampler_padded_vocab();
 	test_sampler_top_p_and_frequencies();
+	test_repetition_penalty();
 	return TEST_SUMMARY();
 }

@@ -602,7 +602,7 @@ test_session_bytes_cover_every_allocation(void)
 	fm_error	err;
 	counting	count = {0};
 	fm_allocator a = {counting_alloc, counting_free, &count};
-	fm_sampler_params params = {.temperature = 0.7, .top_p = 0.9, .top_k = 5, .seed = 3};
+	fm_sampler_params params = {.temperature = 0.7, .top_p = 0.9, .repetition_penalty = 1.0, .top_k = 5, .seed = 3};
 	int32_t		prompt[3] = {1, 2, 3};
 	int32_t		out[8];
 	int32_t		n_out;
@@ -777,9 +777,9 @@ static void
 test_generate_greedy_and_seeds(void)
 {
 	gen_fixture f;
-	fm_sampler_params greedy1 = {.temperature = 0.0, .top_p = 1.0, .seed = 1};
-	fm_sampler_params greedy2 = {.temperature = 0.0, .top_p = 1.0, .seed = 999};
-	fm_sampler_params hot = {.temperature = 1.5, .top_p = 1.0, .seed = 42};
+	fm_sampler_params greedy1 = {.temperature = 0.0, .top_p = 1.0, .repetition_penalty = 1.0, .seed = 1};
+	fm_sampler_params greedy2 = {.temperature = 0.0, .top_p = 1.0, .repetition_penalty = 1.0, .seed = 999};
+	fm_sampler_params hot = {.temperature = 1.5, .top_p = 1.0, .repetition_penalty = 1.0, .seed = 42};
 	int32_t		prompt[3] = {1, 2, 3};
 	int32_t		a[20], b[20];
 	int32_t		na, nb, pos;
@@ -831,11 +831,75 @@ test_generate_greedy_and_seeds(void)
 	store_free(&f.s);
 }
 
+/*
+ * Greedy generation with a repetition penalty against a loop written
+ * here: forward, penalise by hand (a linear search for earlier
+ * occurrences), take the arg max, feed it back.
+ */
+static void
+test_generate_repetition_penalty(void)
+{
+	gen_fixture f;
+	fm_sampler_params params = {.temperature = 0.0, .top_p = 1.0, .repetition_penalty = 1.8};
+	int32_t		prompt[3] = {1, 2, 3};
+	int32_t		out[12], plain[12], ctx[15];
+	int32_t		n_out, n_plain, pos;
+	fm_finish	finish;
+	fm_session *s;
+	fm_error	err;
+	float		logits[16];
+	bool		differs = false;
+
+	gen_setup(&f);
+	CHECK(run_generate(&f.m, 64, prompt, 3, 12, &params, NULL, out, &n_out, &finish, &pos, &err) == FM_OK);
+	CHECK(n_out == 12);
+
+	CHECK(fm_session_create(&f.m, &fm_malloc_allocator, 64, &s, &err) == FM_OK);
+	memcpy(ctx, prompt, sizeof(prompt));
+	CHECK(fm_forward(s, prompt, 3, logits, NULL, NULL, &err) == FM_OK);
+	for (int t = 0; t < 12; t++)
+	{
+		int			n_ctx = 3 + t;
+		int32_t		best = 0;
+
+		for (int32_t id = 0; id < 16; id++)
+		{
+			bool		earlier = false;
+
+			for (int j = 0; j < n_ctx; j++)
+				earlier = earlier || ctx[j] == id;
+			if (earlier)
+				logits[id] = logits[id] > 0 ? logits[id] / 1.8f : logits[id] * 1.8f;
+		}
+		for (int32_t id = 1; id < 16; id++)
+			if (logits[id] > logits[best])
+				best = id;
+		CHECK(out[t] == best);
+		ctx[n_ctx] = best;
+		CHECK(fm_forward(s, &best, 1, logits, NULL, NULL, &err) == FM_OK);
+	}
+	fm_session_destroy(s);
+
+	/* the penalty changes this fixture's greedy output */
+	params.repetition_penalty = 1.0;
+	CHECK(run_generate(&f.m, 64, prompt, 3, 12, &params, NULL, plain, &n_plain, &finish, &pos, &err) == FM_OK);
+	for (int t = 0; t < 12; t++)
+		differs = differs || plain[t] != out[t];
+	CHECK(differs);
+
+	params.repetition_penalty = 0.0;
+	CHECK(run_generate(&f.m, 64, prompt, 3, 5, &params, NULL, out, &n_out, &finish, &pos, &err) == FM_EINVAL);
+	CHECK(strstr(err.message, "repetition_penalty 0") != NULL);
+	params.repetition_penalty = INFINITY;
+	CHECK(run_generate(&f.m, 64, prompt, 3, 5, &params, NULL, out, &n_out, &finish, &pos, &err) == FM_EINVAL);
+	store_free(&f.s);
+}
+
 static void
 test_generate_limits(void)
 {
 	gen_fixture f;
-	fm_sampler_params greedy = {.temperature = 0.0, .top_p = 1.0};
+	fm_sampler_params greedy = {.temperature = 0.0, .top_p = 1.0, .repetition_penalty = 1.0};
 	fm_sampler_params bad = greedy;
 	int32_t		prompt[11] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11};
 	int32_t		out[32];
@@ -897,5 +961,6 @@ main(void)
 	test_layout_fused_experts();
 	test_generate_greedy_and_seeds();
 	test_generate_limits();
+	test_generate_repetition_penalty();
 	return TEST_SUMMARY();
 }
