@@ -31,7 +31,8 @@ SQL
 log "completing a table of real sentences and finding each one's domain"
 psql -X -v ON_ERROR_STOP=1 -q <<'SQL'
 CREATE TABLE prompts (id int PRIMARY KEY, source text, prompt text);
--- Opening words of public texts: Danish, legal, code and general English.
+-- Lines of public texts, and two in the style of their kind: Danish,
+-- legal, code and English.
 INSERT INTO prompts VALUES
  (1, 'UN Declaration of Human Rights, art. 1 (Danish)',
      'Alle mennesker er født frie og lige i værdighed og rettigheder.'),
@@ -40,19 +41,22 @@ INSERT INTO prompts VALUES
  (3, 'GNU General Public License, version 3',
      'This program is free software: you can redistribute it and/or modify'),
  (4, 'MIT licence',
-     'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND,'),
- (5, 'C header (glibc stdio.h)',
-     E'#ifndef _STDIO_H\n#define _STDIO_H\t1\n\n#define __GLIBC_INTERNAL_STARTING_HEADER_IMPLEMENTATION\n#include <bits/libc-header-start.h>'),
- (6, 'Python',
-     E'def parse_args():\n    parser = argparse.'),
- (7, 'man page',
-     'The following options are supported:');
+     'Permission is hereby granted, free of charge, to any person obtaining a copy'),
+ (5, 'C header (glibc string.h)',
+     E'/* Return the length of S.  */\nextern size_t strlen (const char *__s)'),
+ (6, 'Python module opening',
+     E'import os\nimport sys\n\n\ndef main(argv):\n    """'),
+ (7, 'man page (cat)',
+     'With no FILE, or when FILE is -, read standard input.');
 
 \pset format aligned
 \pset border 2
--- Greedy completions of 12 tokens.
+-- Greedy completions of 16 tokens.  A repetition penalty keeps greedy
+-- decoding of a model this small out of loops ("the same time, and the
+-- same time") and keeps the output the same on every run.
 SELECT id, source, prompt,
-       flexmore_generate('default', prompt, max_tokens => 12) AS completion
+       flexmore_generate('default', prompt, max_tokens => 16,
+                         repetition_penalty => 1.3) AS completion
 FROM prompts ORDER BY id;
 
 -- The domain of each sentence, two ways: the expert set that gives the

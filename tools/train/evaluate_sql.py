@@ -31,6 +31,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -70,6 +71,8 @@ def load(args, evaluation):
     psql(db, "SET client_min_messages = warning; CREATE EXTENSION flexmore")
     for spec in args.model:
         name, path = spec.split("=", 1)
+        # The server resolves no relative path; its working folder is not ours.
+        path = os.path.abspath(path)
         psql(db, "SET client_min_messages = warning; "
              f"SELECT flexmore_import('{name}', '{path}')")
     limit = evaluation["sample_chunks"] if args.sample else None
