@@ -344,7 +344,18 @@ SELECT model_id, name, 0::oid::regrole FROM flexmore.experts;
 -- ---------- generation: repetition_penalty ----------
 -- A new last argument changes the functions' signatures, so the 0.1.0
 -- functions are dropped and created again.  Calls by position and by
--- name keep working.
+-- name keep working.  A DBA may have granted or revoked EXECUTE on the
+-- old functions, so their ACLs are kept in transaction-local settings
+-- and applied to the new functions below.
+
+SELECT pg_catalog.set_config('flexmore_upgrade.generate_acl',
+		coalesce((SELECT proacl::text FROM pg_catalog.pg_proc
+				  WHERE oid = 'flexmore_generate(text, text, int, float8, float8, int, bigint, text[])'::regprocedure), ''),
+		true),
+	   pg_catalog.set_config('flexmore_upgrade.generate_detail_acl',
+		coalesce((SELECT proacl::text FROM pg_catalog.pg_proc
+				  WHERE oid = 'flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[])'::regprocedure), ''),
+		true);
 
 DROP FUNCTION flexmore_generate(text, text, int, float8, float8, int, bigint, text[]);
 DROP FUNCTION flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[]);
@@ -384,3 +395,30 @@ RETURNS TABLE (completion text, finish_reason text,
 AS 'MODULE_PATHNAME', 'flexmore_generate_detail'
 LANGUAGE C VOLATILE PARALLEL SAFE COST 100000 ROWS 1
 SET search_path = pg_catalog, pg_temp;
+
+-- An empty setting is the default ACL (EXECUTE for PUBLIC), which the new
+-- functions already have.
+DO $$
+DECLARE
+	fn record;
+	acl text;
+	item record;
+BEGIN
+	FOR fn IN SELECT * FROM (VALUES ('flexmore_generate', 'flexmore_upgrade.generate_acl'),
+									('flexmore_generate_detail', 'flexmore_upgrade.generate_detail_acl'))
+			  AS t(name, setting)
+	LOOP
+		acl := current_setting(fn.setting);
+		CONTINUE WHEN acl = '';
+		EXECUTE format('REVOKE ALL ON FUNCTION %I(text, text, int, float8, float8, int, bigint, text[], float8) FROM PUBLIC',
+					   fn.name);
+		FOR item IN SELECT * FROM aclexplode(acl::aclitem[]) LOOP
+			EXECUTE format('GRANT EXECUTE ON FUNCTION %I(text, text, int, float8, float8, int, bigint, text[], float8) TO %s%s',
+						   fn.name,
+						   CASE WHEN item.grantee = 0 THEN 'PUBLIC'
+								ELSE quote_ident(pg_get_userbyid(item.grantee)) END,
+						   CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+		END LOOP;
+	END LOOP;
+END
+$$;

@@ -12,7 +12,7 @@ SELECT has_function_privilege('regress_flexmore_user', 'flexmore_import(text, te
 	AS user_can_import,
 	   has_function_privilege('regress_flexmore_user', 'flexmore_drop_model(text)', 'EXECUTE')
 	AS user_can_drop,
-	   has_function_privilege('regress_flexmore_user', 'flexmore_generate(text, text, int, float8, float8, int, bigint, text[])', 'EXECUTE')
+	   has_function_privilege('regress_flexmore_user', 'flexmore_generate(text, text, int, float8, float8, int, bigint, text[], float8)', 'EXECUTE')
 	AS user_can_generate,
 	   has_table_privilege('regress_flexmore_user', 'flexmore.tensors', 'SELECT') AS user_can_read_tensors;
 

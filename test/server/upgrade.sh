@@ -100,7 +100,29 @@ for name in functions relations columns constraints indexes views schema config_
 	fi
 done
 
-for db in $updated $fresh; do
+# EXECUTE that a DBA took from PUBLIC and gave to one role on the 0.1.0
+# generation functions stays so after the update, which recreates them.
+kept=flexmore_upgrade_grants
+q postgres "SET client_min_messages = warning; DROP DATABASE IF EXISTS $kept" >/dev/null
+q postgres "CREATE DATABASE $kept"
+q postgres "SET client_min_messages = warning; DROP ROLE IF EXISTS regress_flexmore_upgrade_writer;
+	CREATE ROLE regress_flexmore_upgrade_writer" >/dev/null
+q $kept "CREATE EXTENSION flexmore VERSION '0.1.0';
+	REVOKE EXECUTE ON FUNCTION flexmore_generate(text, text, int, float8, float8, int, bigint, text[]) FROM PUBLIC;
+	GRANT EXECUTE ON FUNCTION flexmore_generate(text, text, int, float8, float8, int, bigint, text[])
+		TO regress_flexmore_upgrade_writer" >/dev/null
+q $kept "ALTER EXTENSION flexmore UPDATE" >/dev/null
+new_sig="flexmore_generate(text, text, int, float8, float8, int, bigint, text[], float8)"
+check "revoked EXECUTE stays revoked after the update" "f" \
+	"$(q $kept "SELECT has_function_privilege('public', '$new_sig', 'EXECUTE')")"
+check "granted EXECUTE stays granted after the update" "t" \
+	"$(q $kept "SELECT has_function_privilege('regress_flexmore_upgrade_writer', '$new_sig', 'EXECUTE')")"
+check "untouched detail function keeps the default ACL" "t" \
+	"$(q $kept "SELECT proacl IS NULL FROM pg_proc
+		WHERE oid = 'flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[], float8)'::regprocedure")"
+
+for db in $updated $fresh $kept; do
 	psql -X -q -d postgres -c "DROP DATABASE $db"
 done
+q postgres "DROP ROLE regress_flexmore_upgrade_writer" >/dev/null
 finish

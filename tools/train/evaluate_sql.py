@@ -71,7 +71,7 @@ def load(args, evaluation):
     psql(db, "SET client_min_messages = warning; CREATE EXTENSION flexmore")
     for spec in args.model:
         name, path = spec.split("=", 1)
-        # The server resolves no relative path; its working folder is not ours.
+        # flexmore_import rejects relative paths: the server's working folder is not ours.
         path = os.path.abspath(path)
         psql(db, "SET client_min_messages = warning; "
              f"SELECT flexmore_import('{name}', '{path}')")
