@@ -147,11 +147,12 @@ int32_t		fm_route(const float *logits, const bool *allowed, int32_t n_experts,
 typedef void (*fm_range_fn) (void *arg, int32_t begin, int32_t end);
 
 /*
- * Runs fn over items [0, n) split into contiguous ranges, one per thread
- * of the pool (fm_set_threads), with at least min_items items per range;
- * the caller's thread runs the first range.  Returns when every range is
- * done.  Ranges never overlap, so fn may write its items' outputs without
- * locking.  Only the process's main thread may call it.
+ * Runs fn over items [0, n) split into contiguous ranges of at least
+ * min_items items, which the threads of the pool (fm_set_threads), the
+ * caller's included, take in turn; which thread runs which range varies
+ * from call to call.  Returns when every range is done.  Ranges never
+ * overlap, so fn may write its items' outputs without locking.  Only the
+ * process's main thread may call it.
  */
 void		fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg);
 

@@ -3,9 +3,13 @@
  * threads.c
  *	  A small pool of compute threads for the engine's kernels.
  *
- * The pool splits one loop (fm_parallel_for) into contiguous ranges, one
- * per thread; the calling thread runs the first range itself and waits
- * for the others.  Threads are created lazily, on the first loop that has
+ * The pool splits one loop (fm_parallel_for) into contiguous chunks,
+ * several per thread, which the calling thread and the workers take in
+ * turn from a shared counter until none is left; then the caller waits
+ * for the others.  Taking chunks instead of one fixed range each keeps
+ * both cores busy when one runs slower (a virtual CPU that shares its
+ * core, or a process beside ours): a decoded token waits for the last
+ * range to finish.  Threads are created lazily, on the first loop that has
  * enough work while more than one thread is configured, so a process that
  * never computes (the PostgreSQL postmaster that loads flexmore.so) never
  * starts one.  Each thread starts with every signal blocked, so signals
@@ -46,8 +50,16 @@ typedef struct fm_pool
 	fm_range_fn fn;
 	void	   *arg;
 	int32_t		n;
-	int32_t		parts;
+	int32_t		parts;			/* threads that take part, main included */
+	int32_t		chunks;
+	int32_t		next_chunk;		/* taken with atomic adds, outside the mutex */
 } fm_pool;
+
+/*
+ * Chunks per taking thread: enough to even out speeds, few enough that
+ * each chunk streams a long run of weights.
+ */
+#define FM_CHUNKS_PER_THREAD 8
 
 static fm_pool pool = {
 	.mutex = PTHREAD_MUTEX_INITIALIZER,
@@ -62,6 +74,24 @@ part_range(int32_t n, int32_t parts, int32_t p, int32_t *begin, int32_t *end)
 {
 	*begin = (int32_t) ((int64_t) n * p / parts);
 	*end = (int32_t) ((int64_t) n * (p + 1) / parts);
+}
+
+/* Runs chunks of the current job until none is left. */
+static void
+take_chunks(fm_range_fn fn, void *fn_arg, int32_t n, int32_t chunks)
+{
+	for (;;)
+	{
+		int32_t		c = __atomic_fetch_add(&pool.next_chunk, 1, __ATOMIC_RELAXED);
+		int32_t		begin;
+		int32_t		end;
+
+		if (c >= chunks)
+			return;
+		part_range(n, chunks, c, &begin, &end);
+		if (begin < end)
+			fn(fn_arg, begin, end);
+	}
 }
 
 static void *
@@ -82,6 +112,7 @@ worker_main(void *arg)
 		void	   *fn_arg;
 		int32_t		n;
 		int32_t		parts;
+		int32_t		chunks;
 
 		while (pool.job_number == seen)
 			pthread_cond_wait(&pool.work, &pool.mutex);
@@ -90,17 +121,11 @@ worker_main(void *arg)
 		fn_arg = pool.arg;
 		n = pool.n;
 		parts = pool.parts;
+		chunks = pool.chunks;
 		pthread_mutex_unlock(&pool.mutex);
 
 		if (index < parts)
-		{
-			int32_t		begin;
-			int32_t		end;
-
-			part_range(n, parts, index, &begin, &end);
-			if (begin < end)
-				fn(fn_arg, begin, end);
-		}
+			take_chunks(fn, fn_arg, n, chunks);
 
 		pthread_mutex_lock(&pool.mutex);
 		if (--pool.pending == 0)
@@ -162,8 +187,7 @@ void
 fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg)
 {
 	int32_t		parts;
-	int32_t		begin;
-	int32_t		end;
+	int32_t		chunks;
 
 	if (n <= 0)
 		return;
@@ -182,17 +206,22 @@ fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg)
 		return;
 	}
 
+	/* every chunk keeps at least min_items items */
+	chunks = parts * FM_CHUNKS_PER_THREAD;
+	if (min_items > 0 && n / min_items < chunks)
+		chunks = n / min_items;
 	pool.fn = fn;
 	pool.arg = arg;
 	pool.n = n;
 	pool.parts = parts;
+	pool.chunks = chunks;
+	pool.next_chunk = 0;
 	pool.pending = pool.started;
 	pool.job_number++;
 	pthread_cond_broadcast(&pool.work);
 	pthread_mutex_unlock(&pool.mutex);
 
-	part_range(n, parts, 0, &begin, &end);
-	fn(arg, begin, end);
+	take_chunks(fn, arg, n, chunks);
 
 	pthread_mutex_lock(&pool.mutex);
 	while (pool.pending > 0)
