@@ -4,12 +4,12 @@
  *	  A small pool of compute threads for the engine's kernels.
  *
  * The pool splits one loop (fm_parallel_for) into contiguous chunks,
- * several per thread, which the calling thread and the workers take in
- * turn from a shared counter until none is left; then the caller waits
- * for the others.  Taking chunks instead of one fixed range each keeps
- * both cores busy when one runs slower (a virtual CPU that shares its
- * core, or a process beside ours): a decoded token waits for the last
- * range to finish.  Threads are created lazily, on the first loop that has
+ * several per thread.  The calling thread and the workers take chunks in
+ * turn from a shared counter until none is left, and then the caller
+ * waits for the others.  A decoded token waits for its last chunk, so
+ * chunks keep both cores busy when one runs slower (a virtual CPU that
+ * shares its core, or another process), where one fixed range per thread
+ * would leave the faster one idle.  Threads are created lazily, on the first loop that has
  * enough work while more than one thread is configured, so a process that
  * never computes (the PostgreSQL postmaster that loads flexmore.so) never
  * starts one.  Each thread starts with every signal blocked, so signals
