@@ -544,9 +544,8 @@ int32_t		fm_sample(const float *logits, const bool *sampleable, int32_t vocab_si
 					  float *scratch_f, int32_t *scratch_i);
 
 /*
- * Penalises ids that are already in the context, as Hugging Face's
- * repetition_penalty does (the rule of Keskar et al., "CTRL", 2019,
- * arXiv:1909.05858).  The logit of every
+ * Penalises ids that are already in the context, by the rule of the
+ * repetition_penalty of Hugging Face's generate.  The logit of every
  * distinct id in ids[0 .. n) and more[0 .. n_more) that lies in
  * [0, vocab_size) is divided by penalty when positive and multiplied by it
  * otherwise, once however often the id occurs.  A penalty above 1 makes

@@ -148,9 +148,9 @@ typedef void (*fm_range_fn) (void *arg, int32_t begin, int32_t end);
 
 /*
  * Runs fn over items [0, n) split into contiguous ranges of at least
- * min_items items, which the threads of the pool (fm_set_threads), the
- * caller's included, take in turn; which thread runs which range varies
- * from call to call.  Returns when every range is done.  Ranges never
+ * min_items items.  The threads of the pool (fm_set_threads), the caller's
+ * included, take ranges in turn, so which thread runs a range varies from
+ * call to call.  Returns when every range is done.  Ranges never
  * overlap, so fn may write its items' outputs without locking.  Only the
  * process's main thread may call it.
  */
