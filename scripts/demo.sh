@@ -28,7 +28,7 @@ SELECT name, architecture, hidden_size, layers, experts, parameters,
 FROM flexmore_models;
 SQL
 
-log "completing a table of real sentences and finding each one's domain"
+log "completing a table of sentences and finding each one's domain"
 psql -X -v ON_ERROR_STOP=1 -q <<'SQL'
 CREATE TABLE prompts (id int PRIMARY KEY, source text, prompt text);
 -- Lines of public texts, and two in the style of their kind: Danish,
