@@ -342,23 +342,10 @@ INSERT INTO flexmore.expert_grants (model_id, expert_name, grantee)
 SELECT model_id, name, 0::oid::regrole FROM flexmore.experts;
 
 -- ---------- generation: repetition_penalty ----------
--- A new last argument changes the functions' signatures, so the 0.1.0
--- functions are dropped and created again.  Calls by position and by
--- name keep working.  A DBA may have granted or revoked EXECUTE on the
--- old functions, so their ACLs are kept in transaction-local settings
--- and applied to the new functions below.
-
-SELECT pg_catalog.set_config('flexmore_upgrade.generate_acl',
-		coalesce((SELECT proacl::text FROM pg_catalog.pg_proc
-				  WHERE oid = 'flexmore_generate(text, text, int, float8, float8, int, bigint, text[])'::regprocedure), ''),
-		true),
-	   pg_catalog.set_config('flexmore_upgrade.generate_detail_acl',
-		coalesce((SELECT proacl::text FROM pg_catalog.pg_proc
-				  WHERE oid = 'flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[])'::regprocedure), ''),
-		true);
-
-DROP FUNCTION flexmore_generate(text, text, int, float8, float8, int, bigint, text[]);
-DROP FUNCTION flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[]);
+-- A new last argument changes the functions' signatures.  The new
+-- functions are created beside the 0.1.0 ones, take over the EXECUTE
+-- grants and revokes a DBA made on them, and then the old ones are
+-- dropped.  Calls by position and by name keep working.
 
 -- seed and experts may be NULL (a random seed, every expert).  A NULL in
 -- any other argument gives NULL, as a STRICT function would.  VOLATILE
@@ -396,25 +383,23 @@ AS 'MODULE_PATHNAME', 'flexmore_generate_detail'
 LANGUAGE C VOLATILE PARALLEL SAFE COST 100000 ROWS 1
 SET search_path = pg_catalog, pg_temp;
 
--- An empty setting is the default ACL (EXECUTE for PUBLIC), which the new
--- functions already have.
+-- A NULL ACL is the default (EXECUTE for PUBLIC), which the new functions
+-- already have.
 DO $$
 DECLARE
 	fn record;
-	acl text;
 	item record;
 BEGIN
-	FOR fn IN SELECT * FROM (VALUES ('flexmore_generate', 'flexmore_upgrade.generate_acl'),
-									('flexmore_generate_detail', 'flexmore_upgrade.generate_detail_acl'))
-			  AS t(name, setting)
+	FOR fn IN SELECT p.proname, p.proacl FROM pg_catalog.pg_proc p
+			  WHERE p.oid IN ('flexmore_generate(text, text, int, float8, float8, int, bigint, text[])'::regprocedure,
+							  'flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[])'::regprocedure)
+				AND p.proacl IS NOT NULL
 	LOOP
-		acl := current_setting(fn.setting);
-		CONTINUE WHEN acl = '';
 		EXECUTE format('REVOKE ALL ON FUNCTION %I(text, text, int, float8, float8, int, bigint, text[], float8) FROM PUBLIC',
-					   fn.name);
-		FOR item IN SELECT * FROM aclexplode(acl::aclitem[]) LOOP
+					   fn.proname);
+		FOR item IN SELECT * FROM aclexplode(fn.proacl) LOOP
 			EXECUTE format('GRANT EXECUTE ON FUNCTION %I(text, text, int, float8, float8, int, bigint, text[], float8) TO %s%s',
-						   fn.name,
+						   fn.proname,
 						   CASE WHEN item.grantee = 0 THEN 'PUBLIC'
 								ELSE quote_ident(pg_get_userbyid(item.grantee)) END,
 						   CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
@@ -422,3 +407,6 @@ BEGIN
 	END LOOP;
 END
 $$;
+
+DROP FUNCTION flexmore_generate(text, text, int, float8, float8, int, bigint, text[]);
+DROP FUNCTION flexmore_generate_detail(text, text, int, float8, float8, int, bigint, text[]);

@@ -258,14 +258,16 @@ fm_generation_args(FunctionCallInfo fcinfo, fm_generation *g)
 	int32		top_k;
 	double		repetition_penalty;
 
-	for (int i = 0; i <= 5; i++)
-		if (PG_ARGISNULL(i))
-			return false;
 	/*
 	 * A database whose extension is still at 0.1.0 calls this library
 	 * through the 8-argument declaration, which has no repetition_penalty.
 	 */
-	if (PG_NARGS() > 8 && PG_ARGISNULL(8))
+	bool		has_penalty = PG_NARGS() > 8;
+
+	for (int i = 0; i <= 5; i++)
+		if (PG_ARGISNULL(i))
+			return false;
+	if (has_penalty && PG_ARGISNULL(8))
 		return false;
 
 	g->model_name = text_to_cstring(PG_GETARG_TEXT_PP(0));
@@ -274,7 +276,7 @@ fm_generation_args(FunctionCallInfo fcinfo, fm_generation *g)
 	temperature = PG_GETARG_FLOAT8(3);
 	top_p = PG_GETARG_FLOAT8(4);
 	top_k = PG_GETARG_INT32(5);
-	repetition_penalty = PG_NARGS() > 8 ? PG_GETARG_FLOAT8(8) : 1.0;
+	repetition_penalty = has_penalty ? PG_GETARG_FLOAT8(8) : 1.0;
 
 	if (g->max_tokens < 0)
 		ereport(ERROR,

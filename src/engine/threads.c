@@ -9,10 +9,10 @@
  * waits for the others.  A decoded token waits for its last chunk, so
  * chunks keep both cores busy when one runs slower (a virtual CPU that
  * shares its core, or another process), where one fixed range per thread
- * would leave the faster one idle.  Threads are created lazily, on the first loop that has
- * enough work while more than one thread is configured, so a process that
- * never computes (the PostgreSQL postmaster that loads flexmore.so) never
- * starts one.  Each thread starts with every signal blocked, so signals
+ * would leave the faster one idle.  Threads are created lazily, on the
+ * first loop that has enough work while more than one thread is
+ * configured, so a process that never computes (the PostgreSQL
+ * postmaster that loads flexmore.so) never starts one.  Each thread starts with every signal blocked, so signals
  * keep going to the process's main thread, and it only runs the kernel it
  * is handed: it never calls back into the caller's code.
  *
