@@ -65,7 +65,9 @@ start_time=$(date +%s)
 if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
 	cpu_flags=" $(grep -m 1 '^flags' /proc/cpuinfo | cut -d: -f2) "
 	has() { for f in "$@"; do [[ $cpu_flags == *" $f "* ]] || return 1; done; }
-	if has avx512f avx512bw avx512vl avx512dq avx512cd; then
+	if grep -q -m 1 '^vendor_id.*AuthenticAMD' /proc/cpuinfo && has avx2 fma; then
+		export OPENBLAS_CORETYPE=Zen
+	elif has avx512f avx512bw avx512vl avx512dq avx512cd; then
 		export OPENBLAS_CORETYPE=SkylakeX
 	elif has avx2 fma; then
 		export OPENBLAS_CORETYPE=Haswell

@@ -571,6 +571,9 @@ fm_openblas_coretype(void)
 {
 #if defined(__x86_64__)
 	__builtin_cpu_init();
+	if (__builtin_cpu_is("amd") && __builtin_cpu_supports("avx2") &&
+		__builtin_cpu_supports("fma"))
+		return "Zen";
 	if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
 		__builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
 		__builtin_cpu_supports("avx512cd"))
@@ -611,6 +614,9 @@ fm_isa_current(void)
 {
 	if (current_isa < 0)
 	{
+#if defined(__x86_64__)
+		fm_x86_tune();
+#endif
 		detected_isa = detect_isa();
 		current_isa = detected_isa;
 	}

@@ -40,11 +40,16 @@ import time
 
 # Debian's torch calls the system BLAS for float32 products.  An OpenBLAS
 # older than the CPU falls back to SSE kernels (Debian 12's 0.3.21 does on
-# a Xeon of family 6, model 207), so name the kernels before torch loads it.
+# a Xeon of family 6, model 207), so name the kernels before torch loads it,
+# by the rule of fm_openblas_coretype in src/engine/formats.c.
 def _openblas_coretype():
     with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f
-                      if line.startswith("flags")), [])
+        lines = f.readlines()
+    flags = next((line.split(":", 1)[1].split() for line in lines
+                  if line.startswith("flags")), [])
+    amd = any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in lines)
+    if amd and {"avx2", "fma"} <= set(flags):
+        return "Zen"
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"} <= set(flags):
         return "SkylakeX"
     if {"avx2", "fma"} <= set(flags):
