@@ -16,10 +16,20 @@
  * keep going to the process's main thread, and it only runs the kernel it
  * is handed: it never calls back into the caller's code.
  *
+ * Waiting spins before it sleeps.  A worker that finishes a job polls
+ * job_number, and the caller polls pending, for up to FM_SPIN_NS before
+ * blocking on the condition variable.  On a virtual machine, waking a
+ * vCPU that went idle took long enough that two-thread decoding, which
+ * posts about thirty products per token, read well below the two-thread
+ * bandwidth; llama.cpp's OpenMP threads spin in the same way.
+ *
  * Shared state: every field of fm_pool is read and written under
  * fm_pool.mutex, except the job description, which the main thread writes
  * under the mutex before bumping job_number and workers read after seeing
- * the new number under the same mutex.  Only one thread (the process's
+ * the new number under the same mutex.  job_number and pending are also
+ * read without the mutex while spinning, so every access to them is
+ * atomic; a spinning thread takes the mutex before it acts on what it
+ * saw.  Only one thread (the process's
  * main thread) may call fm_parallel_for or fm_set_threads.
  *
  * A range is computed exactly as the single-threaded loop computes it, so
@@ -29,7 +39,12 @@
  */
 #include <pthread.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <time.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "engine/engine.h"
 #include "engine/kernels.h"
@@ -61,6 +76,13 @@ typedef struct fm_pool
  */
 #define FM_CHUNKS_PER_THREAD 8
 
+/*
+ * Nanoseconds a waiting thread polls before it sleeps: longer than the
+ * gaps between the products of a decoded token (norms, attention,
+ * sampling), short enough that an idle backend's threads sleep at once.
+ */
+#define FM_SPIN_NS 200000
+
 static fm_pool pool = {
 	.mutex = PTHREAD_MUTEX_INITIALIZER,
 	.work = PTHREAD_COND_INITIALIZER,
@@ -74,6 +96,53 @@ part_range(int32_t n, int32_t parts, int32_t p, int32_t *begin, int32_t *end)
 {
 	*begin = (int32_t) ((int64_t) n * p / parts);
 	*end = (int32_t) ((int64_t) n * (p + 1) / parts);
+}
+
+static int64_t
+monotonic_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/*
+ * Pauses once in a polling loop; returns false once FM_SPIN_NS have passed
+ * since `deadline` was set (checked every 64 calls, as reading the clock
+ * costs more than a pause).
+ */
+static bool
+keep_spinning(int32_t *calls, int64_t deadline)
+{
+#if defined(__x86_64__)
+	_mm_pause();
+#endif
+	return ++*calls % 64 != 0 || monotonic_ns() < deadline;
+}
+
+/* Polls until job_number differs from seen or FM_SPIN_NS pass. */
+static void
+spin_for_job(uint64_t seen)
+{
+	int64_t		deadline = monotonic_ns() + FM_SPIN_NS;
+	int32_t		calls = 0;
+
+	while (__atomic_load_n(&pool.job_number, __ATOMIC_ACQUIRE) == seen &&
+		   keep_spinning(&calls, deadline))
+		;
+}
+
+/* Polls until no worker is pending or FM_SPIN_NS pass. */
+static void
+spin_for_workers(void)
+{
+	int64_t		deadline = monotonic_ns() + FM_SPIN_NS;
+	int32_t		calls = 0;
+
+	while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0 &&
+		   keep_spinning(&calls, deadline))
+		;
 }
 
 /* Runs chunks of the current job until none is left. */
@@ -114,9 +183,9 @@ worker_main(void *arg)
 		int32_t		parts;
 		int32_t		chunks;
 
-		while (pool.job_number == seen)
+		while (__atomic_load_n(&pool.job_number, __ATOMIC_RELAXED) == seen)
 			pthread_cond_wait(&pool.work, &pool.mutex);
-		seen = pool.job_number;
+		seen = __atomic_load_n(&pool.job_number, __ATOMIC_RELAXED);
 		fn = pool.fn;
 		fn_arg = pool.arg;
 		n = pool.n;
@@ -128,8 +197,14 @@ worker_main(void *arg)
 			take_chunks(fn, fn_arg, n, chunks);
 
 		pthread_mutex_lock(&pool.mutex);
-		if (--pool.pending == 0)
+		if (__atomic_sub_fetch(&pool.pending, 1, __ATOMIC_RELEASE) == 0)
 			pthread_cond_signal(&pool.done);
+		if (__atomic_load_n(&pool.job_number, __ATOMIC_RELAXED) == seen)
+		{
+			pthread_mutex_unlock(&pool.mutex);
+			spin_for_job(seen);
+			pthread_mutex_lock(&pool.mutex);
+		}
 	}
 	return NULL;
 }
@@ -151,7 +226,7 @@ start_workers(void)
 	{
 		int32_t		index = pool.started + 1;
 
-		pool.first_job[index] = pool.job_number;
+		pool.first_job[index] = __atomic_load_n(&pool.job_number, __ATOMIC_RELAXED);
 		if (pthread_create(&pool.workers[pool.started], NULL, worker_main,
 						   (void *) (intptr_t) index) != 0)
 			break;
@@ -216,15 +291,16 @@ fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg)
 	pool.parts = parts;
 	pool.chunks = chunks;
 	pool.next_chunk = 0;
-	pool.pending = pool.started;
-	pool.job_number++;
+	__atomic_store_n(&pool.pending, pool.started, __ATOMIC_RELAXED);
+	__atomic_add_fetch(&pool.job_number, 1, __ATOMIC_RELEASE);
 	pthread_cond_broadcast(&pool.work);
 	pthread_mutex_unlock(&pool.mutex);
 
 	take_chunks(fn, arg, n, chunks);
 
+	spin_for_workers();
 	pthread_mutex_lock(&pool.mutex);
-	while (pool.pending > 0)
+	while (__atomic_load_n(&pool.pending, __ATOMIC_RELAXED) > 0)
 		pthread_cond_wait(&pool.done, &pool.mutex);
 	pthread_mutex_unlock(&pool.mutex);
 }
