@@ -228,11 +228,13 @@ run_model(const checkpoint *ck, fm_weight_format format, int32_t threads,
 	double		bytes_per_token;
 	double		flops_per_token = 0.0;
 
-	if (format == FM_WEIGHTS_F32)
-		model = ck->model;
-	else
-		tool_check(fm_model_convert(&ck->model, format, &fm_malloc_allocator, &model, layers,
-							   &storage, &err), &err, "conversion");
+	/*
+	 * f32 is copied too, so every format's matrices sit in one block from
+	 * the engine's allocator (huge pages), as they sit in one cache item
+	 * in the extension, not in the loader's per-tensor buffers.
+	 */
+	tool_check(fm_model_convert(&ck->model, format, &fm_malloc_allocator, &model, layers,
+								&storage, &err), &err, "conversion");
 	tool_check(fm_set_threads(threads, &err), &err, "--threads");
 	openblas_set_num_threads(threads);
 	if (context > c->max_position_embeddings)

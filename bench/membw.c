@@ -5,7 +5,7 @@
  *	  membw THREADS [MIB] [PASSES]
  *
  * Fills a buffer of MIB mebibytes (default 2048, far beyond the last-level
- * cache), then has THREADS threads sum disjoint equal slices of it as
+ * cache; in transparent huge pages where Linux grants them), then has THREADS threads sum disjoint equal slices of it as
  * 64-bit integers, a loop the compiler turns into vector loads.  Each
  * thread reads its slice as 1, 2, 3 and 4 interleaved streams (its slice
  * cut into that many parts, 256 bytes from each part in turn), PASSES
@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 
 #define MAX_THREADS 64
@@ -140,6 +141,8 @@ main(int argc, char **argv)
 		fprintf(stderr, "membw: out of memory for %zu MiB\n", mib);
 		return 1;
 	}
+	/* as the engine's own allocator does for weights (src/engine/util.c) */
+	(void) madvise(buffer, words * sizeof(uint64_t), MADV_HUGEPAGE);
 	for (size_t i = 0; i < words; i++)
 		buffer[i] = i;
 
