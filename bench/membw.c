@@ -5,18 +5,19 @@
  *	  membw THREADS [MIB] [PASSES]
  *
  * Fills a buffer of MIB mebibytes (default 2048, far beyond the last-level
- * cache; in transparent huge pages where Linux grants them), then has THREADS threads sum disjoint equal slices of it as
- * 64-bit integers, a loop the compiler turns into vector loads.  Each
- * thread reads its slice as 1, 2, 3 and 4 interleaved streams (its slice
- * cut into that many parts, 256 bytes from each part in turn), PASSES
- * times each (default 7).  The stream counts matter because a decode
- * kernel may read several weight panels at once: on a Zen 4 vCPU three
- * streams read about 10% faster than one, and two or four slower (parts a
- * power of two apart share cache sets).  A pass is timed from a barrier
- * before the first thread starts to the end of the slowest one.  The
- * bound is the fastest pattern, so read_gb_s is the largest of the
- * per-pattern medians and read_gb_s_max the fastest pass; by_streams
- * lists each pattern's median.  Prints one JSON line, GB/s (10^9 bytes):
+ * cache), in transparent huge pages where Linux grants them.  Then THREADS
+ * threads sum disjoint equal slices of it as 64-bit integers, in a loop
+ * the compiler turns into vector loads.  Each thread reads its slice as
+ * 1, 2, 3 and 4 interleaved streams (its slice cut into that many parts,
+ * 256 bytes from each part in turn), PASSES times each (default 7).  The
+ * stream count matters because a decode kernel may read several weight
+ * panels at once.  On a Zen 4 vCPU in 4 KB pages, three streams read
+ * about 10% faster than one, and two and four streams slower.  A pass is
+ * timed from a barrier before the first thread starts to the end of the
+ * slowest one.  The bound is the fastest pattern, so read_gb_s is the
+ * largest of the per-pattern medians and read_gb_s_max the fastest pass.
+ * by_streams lists each pattern's median.  Prints one JSON line, in GB/s
+ * (10^9 bytes):
  *
  *	  {"threads": 2, "mib": 2048, "read_gb_s": 11.9, "read_gb_s_max": 12.3,
  *	   "by_streams": [11.2, 10.1, 11.9, 10.4], ...}

@@ -54,10 +54,10 @@
  * weight once, and the right distance depends on the CPU's own
  * prefetchers.  On a 2-vCPU Xeon (AVX-512, AMX) under load, a loop of
  * one-row products over 1 GB of matrices read about 77% as fast as a
- * plain read with the hardware prefetchers alone, and 88 to 92% with
- * distances of 4 to 16 KB.  On a 2-vCPU Zen 4 EPYC, one-thread q8 decode
+ * plain read with the hardware prefetchers alone.  Distances of 4 to 16 KB
+ * gave 88 to 92%.  On a 2-vCPU Zen 4 EPYC, one-thread q8 decode
  * of the bench model ran at about 20 tok/s with 8 KB, 26 with none and
- * 27 to 28 with 2 KB (4 KB and more slowed it below no prefetch), so AMD
+ * 27 to 28 with 2 KB.  4 KB and more was slower than no prefetch, so AMD
  * CPUs take 2 KB.  These are medians of three interleaved runs each.
  * Prefetching past the end of a matrix cannot fault.
  */
@@ -281,20 +281,20 @@ dot_f32_avx512(const float *a, const float *b, int32_t n)
 }
 
 /*
- * Rows at least this long go through dot4_f32_avx512: x (4 bytes a
- * value) then no longer fits a 32 KB L1 cache beside the weights.  For
+ * Rows at least this long go through dot4_f32_avx512, because x (4 bytes
+ * a value) then no longer fits a 32 KB L1 cache beside the weights.  On
  * short rows the four interleaved row streams are too short for the
- * hardware prefetchers: on Zen 4 the trained demo model (192 columns)
- * decoded at about 245 tok/s with them against 520 with one row at a time.
+ * hardware prefetchers.  On Zen 4 the trained demo model (192 columns)
+ * decoded at about 245 tok/s with them and 520 with one row at a time.
  */
 #define F32_GROUP_MIN_COLS 6144
 
 /*
  * dot_f32_avx512 of four consecutive weight rows with one x, each row
  * summed in exactly dot_f32_avx512's order, so y does not depend on how
- * rows are grouped.  Each x vector is loaded once for the four rows:
- * when x is wider than L1 (the FFN down product's 11008 values) the
- * one-row loop reads it from L2 for every row, which measured about 20%
+ * rows are grouped.  Each x vector is loaded once for the four rows.
+ * When x is wider than L1 (the FFN down product's 11008 values), the
+ * one-row loop reads it from L2 for every row.  That measured about 20%
  * slower than a plain read of the weights on a Zen 4 vCPU.
  */
 AVX512_TARGET static void

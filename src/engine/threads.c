@@ -18,17 +18,17 @@
  *
  * Waiting spins before it sleeps.  A worker that finishes a job polls
  * job_number, and the caller polls pending, for up to FM_SPIN_NS before
- * blocking on the condition variable.  On a virtual machine, waking a
- * vCPU that went idle took long enough that two-thread decoding, which
- * posts about thirty products per token, read well below the two-thread
- * bandwidth; llama.cpp's OpenMP threads spin in the same way.
+ * blocking on the condition variable.  Two-thread decoding posts about
+ * thirty products per token, and on a virtual machine each one would
+ * otherwise wake a vCPU that went idle.  llama.cpp's OpenMP threads spin
+ * in the same way.
  *
  * Shared state: every field of fm_pool is read and written under
  * fm_pool.mutex, except the job description, which the main thread writes
  * under the mutex before bumping job_number and workers read after seeing
  * the new number under the same mutex.  job_number and pending are also
  * read without the mutex while spinning, so every access to them is
- * atomic; a spinning thread takes the mutex before it acts on what it
+ * atomic.  A spinning thread takes the mutex before it acts on what it
  * saw.  Only one thread (the process's
  * main thread) may call fm_parallel_for or fm_set_threads.
  *
@@ -108,9 +108,9 @@ monotonic_ns(void)
 }
 
 /*
- * Pauses once in a polling loop; returns false once FM_SPIN_NS have passed
- * since `deadline` was set (checked every 64 calls, as reading the clock
- * costs more than a pause).
+ * Pauses once in a polling loop and returns false after the deadline.
+ * The clock is read every 64 calls, because reading it costs more than a
+ * pause.
  */
 static bool
 keep_spinning(int32_t *calls, int64_t deadline)
