@@ -39,9 +39,9 @@ fm_set_error(fm_error *err, fm_status status, const char *fmt,...)
  * transparent huge pages, which Linux in its common "madvise" mode gives
  * only when asked.  Weight matrices are such blocks, and a decoded token
  * streams through all of them.  The hardware prefetchers stop at every
- * 4 KB page boundary and each new page costs a TLB walk, so on a Zen 4
- * vCPU a one-thread read of 1 GB ran at about 32.5 GB/s with huge pages
- * against 27 to 29.5 without.
+ * 4 KB page boundary, and each new page costs a TLB walk.  On a Zen 4
+ * vCPU a one-thread read of 1 GB ran at about 32.5 GB/s in huge pages
+ * and 27 to 29.5 GB/s without.
  */
 #define HUGE_BLOCK_BYTES ((size_t) 4 << 20)
 #define HUGE_PAGE_BYTES ((size_t) 2 << 20)
