@@ -501,6 +501,8 @@ test_products_every_isa(void)
 	const char *best = fm_kernel_isa();
 	static const product_case cases[] = {
 		{FM_WEIGHTS_F32, 1, 7, 1}, {FM_WEIGHTS_F32, 33, 100, 3}, {FM_WEIGHTS_F32, 70, 1000, 1},
+		/* rows long enough for the four-row f32 kernel, with 16-wide and masked tails */
+		{FM_WEIGHTS_F32, 9, 6200, 1}, {FM_WEIGHTS_F32, 6, 11008, 3},
 		{FM_WEIGHTS_BF16, 1, 2, 1}, {FM_WEIGHTS_BF16, 15, 37, 1}, {FM_WEIGHTS_BF16, 17, 64, 9},
 		{FM_WEIGHTS_BF16, 100, 200, 20}, {FM_WEIGHTS_BF16, 48, 1024, 3}, {FM_WEIGHTS_BF16, 33, 1, 2},
 		/* several 16-row tiles, a short last K block, a partial last panel */
@@ -521,6 +523,48 @@ test_products_every_isa(void)
 	}
 	CHECK(fm_force_isa(best));
 	printf("  kernel sets tested: %d, best %s\n", n_isas, best);
+}
+
+/*
+ * Every kernel set: the f32 kernel that computes four long rows per pass
+ * gives each output bitwise what that weight row alone gives.
+ */
+static void
+test_f32_row_groups_same_bits(void)
+{
+	const char *isas[4];
+	int			n_isas = available_isas(isas);
+	const char *best = fm_kernel_isa();
+	const int32_t out = 7;
+	const int32_t cols = 6200;
+	float	   *w = malloc(sizeof(float) * out * cols);
+	float	   *x = malloc(sizeof(float) * cols);
+	float		y[7];
+
+	fill(w, (size_t) out * cols, 1.0f);
+	fill(x, cols, 2.0f);
+	for (int i = 0; i < n_isas; i++)
+	{
+		int			mismatches = 0;
+
+		CHECK(fm_force_isa(isas[i]));
+		fm_f32_product(y, x, w, 1, out, cols);
+		for (int32_t o = 0; o < out; o++)
+		{
+			float		alone;
+
+			fm_f32_product(&alone, x, w + (size_t) o * cols, 1, 1, cols);
+			if (memcmp(&alone, &y[o], sizeof(float)) != 0)
+				mismatches++;
+		}
+		if (mismatches != 0)
+			printf("  %s: %d of %d grouped f32 rows differ from the row alone\n",
+				   isas[i], mismatches, out);
+		CHECK(mismatches == 0);
+	}
+	CHECK(fm_force_isa(best));
+	free(w);
+	free(x);
 }
 
 static void
@@ -1053,6 +1097,7 @@ main(int argc, char **argv)
 	test_force_isa();
 	test_products_every_isa();
 	test_same_bits_threads_and_rows();
+	test_f32_row_groups_same_bits();
 	test_same_bits_every_row_count();
 	test_amx_rejected_falls_back();
 	test_q8_power_of_two_weights();
