@@ -230,8 +230,8 @@ run_model(const checkpoint *ck, fm_weight_format format, int32_t threads,
 
 	/*
 	 * f32 is copied too, so every format's matrices sit in one block from
-	 * the engine's allocator (huge pages), as they sit in one cache item
-	 * in the extension, not in the loader's per-tensor buffers.
+	 * the engine's allocator (huge pages), as they sit in cache items in
+	 * the extension, not in the loader's per-tensor buffers.
 	 */
 	tool_check(fm_model_convert(&ck->model, format, &fm_malloc_allocator, &model, layers,
 								&storage, &err), &err, "conversion");

@@ -102,7 +102,7 @@ void		fm_q8_panels_avx2(const fm_mm_job *job, int32_t begin, int32_t end);
 void		fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
 void		fm_bf16_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
 void		fm_q8_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end);
-/* Sets CPU-specific kernel parameters; fm_isa_current calls it once. */
+/* Sets CPU-specific kernel parameters.  fm_isa_current calls it once. */
 void		fm_x86_tune(void);
 void		fm_bf16_panels_amx(const fm_mm_job *job, int32_t begin, int32_t end);
 

@@ -57,9 +57,10 @@
  * plain read with the hardware prefetchers alone.  Distances of 4 to 16 KB
  * gave 88 to 92%.  On a 2-vCPU Zen 4 EPYC, one-thread q8 decode
  * of the bench model ran at about 20 tok/s with 8 KB, 26 with none and
- * 27 to 28 with 2 KB.  4 KB and more was slower than no prefetch, so AMD
- * CPUs take 2 KB.  These are medians of three interleaved runs each.
- * Prefetching past the end of a matrix cannot fault.
+ * 27 to 28 with 2 KB (medians of three interleaved runs).  4 KB and more
+ * was slower than no prefetch, so AMD CPUs take 2 KB.  NOTE: the AMD
+ * distance was measured with the AVX-512 kernel only; the AVX2 kernel
+ * takes it untested.  Prefetching past the end of a matrix cannot fault.
  */
 static int32_t q8_prefetch_bytes = 8192;
 
@@ -286,6 +287,8 @@ dot_f32_avx512(const float *a, const float *b, int32_t n)
  * short rows the four interleaved row streams are too short for the
  * hardware prefetchers.  On Zen 4 the trained demo model (192 columns)
  * decoded at about 245 tok/s with them and 520 with one row at a time.
+ * NOTE: the limit lies between the cases measured on that one CPU; the
+ * bench model's 4096-column rows ran at the same speed either way.
  */
 #define F32_GROUP_MIN_COLS 6144
 

@@ -20,8 +20,7 @@
  * job_number, and the caller polls pending, for up to FM_SPIN_NS before
  * blocking on the condition variable.  Two-thread decoding posts about
  * thirty products per token, and on a virtual machine each one would
- * otherwise wake a vCPU that went idle.  llama.cpp's OpenMP threads spin
- * in the same way.
+ * otherwise wake a vCPU that went idle.
  *
  * Shared state: every field of fm_pool is read and written under
  * fm_pool.mutex, except the job description, which the main thread writes
@@ -77,9 +76,10 @@ typedef struct fm_pool
 #define FM_CHUNKS_PER_THREAD 8
 
 /*
- * Nanoseconds a waiting thread polls before it sleeps: longer than the
- * gaps between the products of a decoded token (norms, attention,
- * sampling), short enough that an idle backend's threads sleep at once.
+ * Nanoseconds a waiting thread polls before it sleeps.  It is meant to
+ * outlast most gaps between the products of a decoded token (norms,
+ * attention, sampling), and is short enough that the threads of an idle
+ * backend soon sleep.
  */
 #define FM_SPIN_NS 200000
 

@@ -56,7 +56,7 @@ malloc_alloc(void *context, size_t size)
 	if (posix_memalign(&p, HUGE_PAGE_BYTES, size) != 0)
 		return NULL;
 #ifdef MADV_HUGEPAGE
-	/* only advice: without huge pages the block works the same */
+	/* madvise is only advice, so without huge pages the block works the same */
 	(void) madvise(p, size, MADV_HUGEPAGE);
 #endif
 	return p;

@@ -340,7 +340,7 @@ expected_f=$(q $db "SELECT flexmore_generate('f', 'Once upon a time', 40)")
 q $db "SELECT flexmore_cache_load('d')" >/dev/null
 sessions=()
 bg compute -c "SELECT flexmore_generate('f', 'Once upon a time', 40)"
-# The pinner's call must outlast the load attempt on any machine: it has
+# The pinner's call must outlast the load attempt on any machine.  It has
 # a 3000-token budget it cannot finish in time, the load waits until the
 # view shows the shared part in use, and the pinner is cancelled after.
 bg pinner -c "SELECT length(flexmore_generate('d', 'Once upon a time', 3000)) >= 0"
