@@ -406,7 +406,8 @@ size_t
 fm_matmul_scratch_bytes(int32_t rows, int32_t cols)
 {
 	size_t		bf16 = ((size_t) cols + 1) / 2 * sizeof(uint32_t);
-	size_t		q8 = (size_t) cols + ((size_t) cols + FM_Q8_BLOCK - 1) / FM_Q8_BLOCK * sizeof(float);
+	size_t		q8 = (size_t) cols + ((size_t) cols + FM_Q8_BLOCK - 1) / FM_Q8_BLOCK *
+		(sizeof(float) + sizeof(int32_t));
 	size_t		row = bf16 > q8 ? bf16 : q8;
 
 	row = (row + 63) & ~(size_t) 63;
@@ -441,12 +442,21 @@ encode_activations(fm_weight_format format, const float *x, int32_t rows, int32_
 		}
 		else
 		{
+			int32_t		nb = cols / FM_Q8_BLOCK;
 			int8_t	   *q = (int8_t *) out;
 			float	   *scales = (float *) (out + cols);
+			int32_t    *shifts = (int32_t *) (scales + nb);
 
-			for (int32_t b = 0; b < cols / FM_Q8_BLOCK; b++)
+			for (int32_t b = 0; b < nb; b++)
+			{
+				int32_t		sum = 0;
+
 				scales[b] = quantize_block(xr + b * FM_Q8_BLOCK, FM_Q8_BLOCK,
 										   q + b * FM_Q8_BLOCK);
+				for (int32_t k = 0; k < FM_Q8_BLOCK; k++)
+					sum += q[b * FM_Q8_BLOCK + k];
+				shifts[b] = 128 * sum;
+			}
 		}
 	}
 }

@@ -78,8 +78,9 @@ fm_isa		fm_isa_current(void);
  * One product for the range kernels: y[r * ldy + o] for rows r of the
  * activations.  These are fp32 rows of cols in x for f32 matrices, else
  * encoded rows xq_stride bytes apart in xq.  A bf16 row is uint32 pairs
- * of bfloat16 values, a q8 row is int8 q[cols] and then float
- * scale[cols / 32].
+ * of bfloat16 values, a q8 row is int8 q[cols], then float
+ * scale[cols / 32], then int32 shift[cols / 32]: 128 times the sum of
+ * each block's q, which the AVX-512 kernels subtract (kernels_x86.c).
  */
 typedef struct fm_mm_job
 {
