@@ -282,26 +282,22 @@ dot_f32_avx512(const float *a, const float *b, int32_t n)
 }
 
 /*
- * Rows at least this long go through dot4_f32_avx512, because x (4 bytes
- * a value) then no longer fits a 32 KB L1 cache beside the weights.  On
- * short rows the four interleaved row streams are too short for the
- * hardware prefetchers.  On Zen 4 the trained demo model (192 columns)
- * decoded at about 245 tok/s with them and 520 with one row at a time.
- * NOTE: the limit lies between the cases measured on that one CPU; the
- * bench model's 4096-column rows ran at the same speed either way.
+ * Rows at least this long go through dot4_f32_avx512, four at a time.
+ * NOTE: the limit is a measured case, not a tuned one: on Zen 4 the bench
+ * model's 4096-column rows decoded faster in groups, and the trained demo
+ * model's 192-column rows (grouped adjacent rows, an earlier layout) about
+ * twice as slowly.
  */
-#define F32_GROUP_MIN_COLS 6144
+#define F32_GROUP_MIN_COLS 4096
 
 /*
- * dot_f32_avx512 of four consecutive weight rows with one x, each row
- * summed in exactly dot_f32_avx512's order, so y does not depend on how
- * rows are grouped.  Each x vector is loaded once for the four rows.
- * When x is wider than L1 (the FFN down product's 11008 values), the
- * one-row loop reads it from L2 for every row.  That measured about 20%
- * slower than a plain read of the weights on a Zen 4 vCPU.
+ * dot_f32_avx512 of four weight rows with one x, each row summed in
+ * exactly dot_f32_avx512's order, so y does not depend on how rows are
+ * grouped.  Each x vector is loaded once for the four rows, which
+ * matters when x is wider than L1 (the FFN down product's 11008 values).
  */
 AVX512_TARGET static void
-dot4_f32_avx512(float *y, const float *w, const float *x, int32_t n)
+dot4_f32_avx512(float *y, const float *const *w, const float *x, int32_t n)
 {
 	__m512		acc[4][4];
 	int32_t		i = 0;
@@ -320,8 +316,7 @@ dot4_f32_avx512(float *y, const float *w, const float *x, int32_t n)
 
 			FULL_UNROLL
 			for (int r = 0; r < 4; r++)
-				acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (size_t) r * n + i + 16 * j),
-											xv, acc[r][j]);
+				acc[r][j] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + i + 16 * j), xv, acc[r][j]);
 		}
 	}
 	for (; i + 16 <= n; i += 16)
@@ -330,7 +325,7 @@ dot4_f32_avx512(float *y, const float *w, const float *x, int32_t n)
 
 		FULL_UNROLL
 		for (int r = 0; r < 4; r++)
-			acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w + (size_t) r * n + i), xv, acc[r][0]);
+			acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(w[r] + i), xv, acc[r][0]);
 	}
 	if (i < n)
 	{
@@ -339,8 +334,7 @@ dot4_f32_avx512(float *y, const float *w, const float *x, int32_t n)
 
 		FULL_UNROLL
 		for (int r = 0; r < 4; r++)
-			acc[r][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + (size_t) r * n + i), xv,
-										acc[r][1]);
+			acc[r][1] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w[r] + i), xv, acc[r][1]);
 	}
 	FULL_UNROLL
 	for (int r = 0; r < 4; r++)
@@ -348,27 +342,40 @@ dot4_f32_avx512(float *y, const float *w, const float *x, int32_t n)
 												  _mm512_add_ps(acc[r][2], acc[r][3])));
 }
 
+/*
+ * A group's four rows come from the four quarters of the range, so the
+ * weights are read as four streams far apart rather than one.  On a Zen 4
+ * vCPU, one-thread decode of the bench model went from 6.8-6.9 to
+ * 7.3-7.6 tok/s that way (interleaved runs), where four adjacent rows had
+ * run no faster than one.  A plain read there was also faster as two to
+ * four streams than as one (bench/membw.c).
+ */
 AVX512_TARGET void
 fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
 {
+	const float *wd = (const float *) job->w->data;
 	int32_t		in = job->w->cols;
-	int32_t		o = begin;
+	int32_t		quarter = in >= F32_GROUP_MIN_COLS ? (end - begin) / 4 : 0;
 
-	for (; in >= F32_GROUP_MIN_COLS && o + 4 <= end; o += 4)
+	for (int32_t k = 0; k < quarter; k++)
 	{
-		const float *rows4 = (const float *) job->w->data + (size_t) o * in;
+		const float *rows[4];
 
+		for (int g = 0; g < 4; g++)
+			rows[g] = wd + (size_t) (begin + g * quarter + k) * in;
 		for (int32_t r = 0; r < job->rows; r++)
 		{
 			float		y4[4];
+			float	   *yr = job->y + (size_t) r * job->ldy;
 
-			dot4_f32_avx512(y4, rows4, job->x + (size_t) r * in, in);
-			memcpy(job->y + (size_t) r * job->ldy + o, y4, sizeof(y4));
+			dot4_f32_avx512(y4, rows, job->x + (size_t) r * in, in);
+			for (int g = 0; g < 4; g++)
+				yr[begin + g * quarter + k] = y4[g];
 		}
 	}
-	for (; o < end; o++)
+	for (int32_t o = begin + 4 * quarter; o < end; o++)
 	{
-		const float *row = (const float *) job->w->data + (size_t) o * in;
+		const float *row = wd + (size_t) o * in;
 
 		for (int32_t r = 0; r < job->rows; r++)
 			job->y[(size_t) r * job->ldy + o] = dot_f32_avx512(row, job->x + (size_t) r * in, in);

@@ -526,8 +526,9 @@ test_products_every_isa(void)
 }
 
 /*
- * Every kernel set: the f32 kernel that computes four long rows per pass
- * gives each output bitwise what that weight row alone gives.
+ * Wide f32 rows are computed four at a time, from four parts of the
+ * output range; each must equal its row computed alone, bit for bit, for
+ * one and for three activation rows, whatever the remainder.
  */
 static void
 test_f32_row_groups_same_bits(void)
@@ -535,36 +536,46 @@ test_f32_row_groups_same_bits(void)
 	const char *isas[4];
 	int			n_isas = available_isas(isas);
 	const char *best = fm_kernel_isa();
-	const int32_t out = 7;
-	const int32_t cols = 6200;
-	float	   *w = malloc(sizeof(float) * out * cols);
-	float	   *x = malloc(sizeof(float) * cols);
-	float		y[7];
+	const int32_t out = 13;
+	const int32_t widths[2] = {4096, 6200};
+	const int32_t max_rows = 3;
 
-	fill(w, (size_t) out * cols, 1.0f);
-	fill(x, cols, 2.0f);
-	for (int i = 0; i < n_isas; i++)
+	for (int wi = 0; wi < 2; wi++)
 	{
-		int			mismatches = 0;
+		int32_t		cols = widths[wi];
+		float	   *w = malloc(sizeof(float) * out * cols);
+		float	   *x = malloc(sizeof(float) * max_rows * cols);
+		float		y[3 * 13];
 
-		CHECK(fm_force_isa(isas[i]));
-		fm_f32_product(y, x, w, 1, out, cols);
-		for (int32_t o = 0; o < out; o++)
-		{
-			float		alone;
+		fill(w, (size_t) out * cols, 1.0f);
+		fill(x, (size_t) max_rows * cols, 2.0f);
+		for (int i = 0; i < n_isas; i++)
+			for (int32_t rows = 1; rows <= max_rows; rows += 2)
+			{
+				int			mismatches = 0;
 
-			fm_f32_product(&alone, x, w + (size_t) o * cols, 1, 1, cols);
-			if (memcmp(&alone, &y[o], sizeof(float)) != 0)
-				mismatches++;
-		}
-		if (mismatches != 0)
-			printf("  %s: %d of %d grouped f32 rows differ from the row alone\n",
-				   isas[i], mismatches, out);
-		CHECK(mismatches == 0);
+				CHECK(fm_force_isa(isas[i]));
+				fm_f32_product(y, x, w, rows, out, cols);
+				for (int32_t r = 0; r < rows; r++)
+					for (int32_t o = 0; o < out; o++)
+					{
+						float		alone;
+
+						fm_f32_product(&alone, x + (size_t) r * cols, w + (size_t) o * cols, 1, 1,
+									   cols);
+						if (memcmp(&alone, &y[r * out + o], sizeof(float)) != 0)
+							mismatches++;
+					}
+				if (mismatches != 0)
+					printf("  %s, %d columns, %d rows: %d of %d grouped f32 outputs differ "
+						   "from the row alone\n",
+						   isas[i], cols, rows, mismatches, rows * out);
+				CHECK(mismatches == 0);
+			}
+		free(w);
+		free(x);
 	}
 	CHECK(fm_force_isa(best));
-	free(w);
-	free(x);
 }
 
 static void
