@@ -283,10 +283,10 @@ dot_f32_avx512(const float *a, const float *b, int32_t n)
 
 /*
  * Rows at least this long go through dot4_f32_avx512, four at a time.
- * NOTE: the limit is a measured case, not a tuned one: on Zen 4 the bench
- * model's 4096-column rows decoded faster in groups, and the trained demo
- * model's 192-column rows (grouped adjacent rows, an earlier layout) about
- * twice as slowly.
+ * NOTE: the limit is one measured case, not a tuned value.  On Zen 4 the
+ * bench model's 4096-column rows decoded faster in groups, while the demo
+ * model's 192-column rows, grouped as adjacent rows in an earlier layout,
+ * ran about half as fast.
  */
 #define F32_GROUP_MIN_COLS 4096
 
@@ -343,17 +343,16 @@ dot4_f32_avx512(float *y, const float *const *w, const float *x, int32_t n)
 }
 
 /*
- * A group's four rows come from the four quarters of the range, so the
- * weights are read as four streams far apart rather than one.  On a Zen 4
- * vCPU, one-thread decode of the bench model went from 6.8-6.9 to
- * 7.3-7.6 tok/s that way (interleaved runs), where four adjacent rows had
- * run no faster than one.  A plain read there was also faster as two to
- * four streams than as one (bench/membw.c).
+ * Computes wide rows in groups of four, one from each quarter of the
+ * range, so the weights are read as four streams far apart.  On a Zen 4
+ * vCPU that raised one-thread decode of the bench model from 6.8-6.9 to
+ * 7.3-7.6 tok/s (interleaved runs).  Four adjacent rows ran no faster
+ * than one.
  */
 AVX512_TARGET void
 fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
 {
-	const float *wd = (const float *) job->w->data;
+	const float *weights = (const float *) job->w->data;
 	int32_t		in = job->w->cols;
 	int32_t		quarter = in >= F32_GROUP_MIN_COLS ? (end - begin) / 4 : 0;
 
@@ -362,7 +361,7 @@ fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
 		const float *rows[4];
 
 		for (int g = 0; g < 4; g++)
-			rows[g] = wd + (size_t) (begin + g * quarter + k) * in;
+			rows[g] = weights + (size_t) (begin + g * quarter + k) * in;
 		for (int32_t r = 0; r < job->rows; r++)
 		{
 			float		y4[4];
@@ -375,7 +374,7 @@ fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
 	}
 	for (int32_t o = begin + 4 * quarter; o < end; o++)
 	{
-		const float *row = wd + (size_t) o * in;
+		const float *row = weights + (size_t) o * in;
 
 		for (int32_t r = 0; r < job->rows; r++)
 			job->y[(size_t) r * job->ldy + o] = dot_f32_avx512(row, job->x + (size_t) r * in, in);
@@ -490,9 +489,9 @@ widen_fp16x16(const uint16_t *h)
 }
 
 /*
- * acc + VPDPBUSD(a, the int32 at b broadcast to every lane), with the
- * broadcast taken by the VPDPBUSD from memory.  GCC 12 emits a separate
- * broadcast for _mm512_set1_epi32, one more vector instruction per call.
+ * Returns acc plus VPDPBUSD of a and the int32 at b, which the instruction
+ * itself broadcasts from memory.  GCC 12 compiles _mm512_set1_epi32 to a
+ * separate broadcast, one more vector instruction per call.
  */
 AVX512_TARGET static INLINE __m512i
 dpbusd_bcst(__m512i acc, __m512i a, const int32_t *b)
@@ -573,7 +572,7 @@ q8_row_avx512(const fm_mm_job *job, const int32_t *panels, int32_t r, const int 
  * Computes nr activation rows from r0 against panel p.  The first tile of
  * a product of more than one tile reads the panel from memory and the
  * others from cache, so only it prefetches.  On Zen 4 that made 64-row
- * products about 8% faster; a single tile of 4 rows gained nothing.
+ * products about 8% faster.  A single tile of 4 rows gained nothing.
  */
 AVX512_TARGET static INLINE void
 q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int prefetch)
@@ -631,11 +630,11 @@ q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int pre
 }
 
 /*
- * One activation row takes its panels in pairs from the two halves of the
- * range, so the weights are read as two streams far apart.  On a Zen 4
- * vCPU, one-thread decode of the bench model went from 28.6-29.7 to
- * 30.6-31.4 tok/s that way (interleaved runs), and four streams were
- * slower than one.
+ * Computes a q8 product.  One activation row takes its panels in pairs
+ * from the two halves of the range, so the weights are read as two
+ * streams far apart.  On a Zen 4 vCPU that raised one-thread decode of
+ * the bench model from 28.6-29.7 to 30.6-31.4 tok/s (interleaved runs).
+ * Four streams ran slower than one.
  */
 AVX512_TARGET void
 fm_q8_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
