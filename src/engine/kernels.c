@@ -134,6 +134,26 @@ fm_rope(float *x, int32_t n_heads, int32_t head_dim, int32_t pos, double theta)
 	}
 }
 
+/*
+ * Element d goes to partial sum d % 8, and the eight sums are added in a
+ * fixed tree.  A single running sum waits for every addition to finish,
+ * because the compiler may not reorder float additions.  Eight independent
+ * sums overlap, and GCC 12 vectorizes them at -O2.
+ */
+float
+fm_dot(const float *a, const float *b, int32_t n)
+{
+	float		acc[8] = {0};
+	int32_t		d = 0;
+
+	for (; d + 8 <= n; d += 8)
+		for (int j = 0; j < 8; j++)
+			acc[j] += a[d + j] * b[d + j];
+	for (int j = 0; d + j < n; j++)
+		acc[j] += a[d + j] * b[d + j];
+	return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 void
 fm_softmax(float *x, int32_t n)
 {

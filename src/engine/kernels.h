@@ -126,6 +126,12 @@ void		fm_rmsnorm(float *y, const float *x, const float *w, int32_t n, double eps
 void		fm_rope(float *x, int32_t n_heads, int32_t head_dim, int32_t pos,
 					double theta);
 
+/*
+ * Returns the dot product of a[n] and b[n], summed in an order that depends
+ * only on n (see kernels.c).
+ */
+float		fm_dot(const float *a, const float *b, int32_t n);
+
 /* In-place softmax over x[n]; -inf entries get probability 0. */
 void		fm_softmax(float *x, int32_t n);
 

@@ -115,7 +115,7 @@ session_layout(const fm_config *c, int32_t n_seq, int32_t context_len, fm_sessio
 	CARVE(v, float, rows * kv_dim);
 	CARVE(att, float, rows * q_dim);
 	CARVE(proj, float, rows * c->hidden_size);
-	CARVE(scores, float, (size_t) context_len);
+	CARVE(scores, float, (size_t) c->num_attention_heads * context_len);
 	CARVE(router, float, rows * c->num_experts);
 	CARVE(probs, float, (size_t) c->num_experts);
 	CARVE(top_expert, int32_t, rows * c->num_experts_per_tok);
@@ -433,6 +433,23 @@ fm_session_reset(fm_session *session)
 /* ---------- attention ---------- */
 
 /*
+ * Adds a * x[n] to y[n].  The fixed groups of 8 let GCC 12 vectorize at -O2,
+ * which it does not for a loop of unknown length whose pointers may
+ * alias.  Each y[d] is still summed in the callers' order.
+ */
+static void
+add_scaled(float *restrict y, const float *restrict x, float a, int32_t n)
+{
+	int32_t		d = 0;
+
+	for (; d + 8 <= n; d += 8)
+		for (int j = 0; j < 8; j++)
+			y[d + j] += a * x[d + j];
+	for (; d < n; d++)
+		y[d] += a * x[d];
+}
+
+/*
  * Runs attention for rows [0, n), row i at position row_pos[i] of the
  * sequence whose cache starts at slot row_base[i], and adds
  * RMSNorm_post_attention of its output to the residual stream.  Every row
@@ -472,38 +489,41 @@ attention_block(fm_session *s, int32_t layer, int32_t n)
 		memcpy(s->v_cache + slot, s->v + (size_t) i * kv_dim, sizeof(float) * kv_dim);
 	}
 
-	/* causal attention: row i attends to positions 0 .. row_pos[i] */
+	/*
+	 * Causal attention: row i attends to positions 0 .. row_pos[i].  The
+	 * cache keeps a position's keys of every head side by side, so the
+	 * loops take positions outside and heads inside, reading the cache in
+	 * order.  Per head and position the sums are those of a loop over one
+	 * head at a time.  One-thread q8 decoding of the bench model after a
+	 * 128-token prompt spent 14% of its time here with heads outside, one
+	 * running sum per score and a scalar update loop, and 5% now (perf).
+	 */
 	for (int32_t i = 0; i < n; i++)
 	{
 		int32_t		len = s->row_pos[i] + 1;
+		size_t		row_off = layer_off + (size_t) s->row_base[i] * kv_dim;
+		const float *q = s->q + (size_t) i * q_dim;
+		float	   *out = s->att + (size_t) i * q_dim;
 
-		for (int32_t h = 0; h < c->num_attention_heads; h++)
+		for (int32_t t = 0; t < len; t++)
 		{
-			const float *q = s->q + (size_t) i * q_dim + (size_t) h * hd;
-			float	   *out = s->att + (size_t) i * q_dim + (size_t) h * hd;
-			size_t		kv_off = layer_off + (size_t) s->row_base[i] * kv_dim +
-				(size_t) (h / group) * hd;
+			const float *k = s->k_cache + row_off + (size_t) t * kv_dim;
 
-			for (int32_t t = 0; t < len; t++)
-			{
-				const float *k = s->k_cache + kv_off + (size_t) t * kv_dim;
-				float		dot = 0.0f;
+			for (int32_t h = 0; h < c->num_attention_heads; h++)
+				s->scores[(size_t) h * len + t] =
+					fm_dot(q + (size_t) h * hd, k + (size_t) (h / group) * hd, hd) * scale;
+		}
+		for (int32_t h = 0; h < c->num_attention_heads; h++)
+			fm_softmax(s->scores + (size_t) h * len, len);
 
-				for (int32_t d = 0; d < hd; d++)
-					dot += q[d] * k[d];
-				s->scores[t] = dot * scale;
-			}
-			fm_softmax(s->scores, len);
+		memset(out, 0, sizeof(float) * q_dim);
+		for (int32_t t = 0; t < len; t++)
+		{
+			const float *v = s->v_cache + row_off + (size_t) t * kv_dim;
 
-			memset(out, 0, sizeof(float) * hd);
-			for (int32_t t = 0; t < len; t++)
-			{
-				const float *v = s->v_cache + kv_off + (size_t) t * kv_dim;
-				float		p = s->scores[t];
-
-				for (int32_t d = 0; d < hd; d++)
-					out[d] += p * v[d];
-			}
+			for (int32_t h = 0; h < c->num_attention_heads; h++)
+				add_scaled(out + (size_t) h * hd, v + (size_t) (h / group) * hd,
+						   s->scores[(size_t) h * len + t], hd);
 		}
 	}
 

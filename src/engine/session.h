@@ -33,7 +33,7 @@ struct fm_session
 	float	   *v;				/* [C, kv_heads*head_dim] */
 	float	   *att;			/* [C, heads*head_dim] attention output */
 	float	   *proj;			/* [C, hidden] o_proj output */
-	float	   *scores;			/* [context_len] one head's attention row */
+	float	   *scores;			/* [heads][length] one row's attention weights */
 	float	   *router;			/* [C, num_experts] router logits */
 	float	   *probs;			/* [num_experts] routing scratch */
 	int32_t    *top_expert;		/* [C, num_experts_per_tok] */
