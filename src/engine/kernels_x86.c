@@ -347,7 +347,7 @@ dot4_f32_avx512(float *y, const float *const *w, const float *x, int32_t n)
  * range, so the weights are read as four streams far apart.  On a Zen 4
  * vCPU that raised one-thread decode of the bench model from 6.8-6.9 to
  * 7.3-7.6 tok/s (interleaved runs).  Four adjacent rows ran no faster
- * than one.
+ * than one.  NOTE: measured on Zen 4 only.  Intel CPUs take the same path.
  */
 AVX512_TARGET void
 fm_f32_rows_avx512(const fm_mm_job *job, int32_t begin, int32_t end)
@@ -634,7 +634,7 @@ q8_tile(const fm_mm_job *job, int32_t p, int32_t r0, const int nr, const int pre
  * from the two halves of the range, so the weights are read as two
  * streams far apart.  On a Zen 4 vCPU that raised one-thread decode of
  * the bench model from 28.6-29.7 to 30.6-31.4 tok/s (interleaved runs).
- * Four streams ran slower than one.
+ * Four streams ran slower than one.  NOTE: measured on Zen 4 only.
  */
 AVX512_TARGET void
 fm_q8_panels_avx512(const fm_mm_job *job, int32_t begin, int32_t end)

@@ -527,8 +527,8 @@ test_products_every_isa(void)
 
 /*
  * Wide f32 rows are computed four at a time, from four parts of the
- * output range; each must equal its row computed alone, bit for bit, for
- * one and for three activation rows, whatever the remainder.
+ * output range.  Each output must equal its row computed alone, bit for
+ * bit, for one and for three activation rows and any remainder.
  */
 static void
 test_f32_row_groups_same_bits(void)
