@@ -203,7 +203,7 @@ def print_moe(records, config):
 def print_demo(records):
     demos = records.get("demo", [])
     if not demos:
-        print("\ndemo model: not measured (no checkpoint)")
+        print("\ndemo model: not measured (no checkpoint, or DEMO_FORMATS empty)")
         return
     c = demos[0]["config"]
     print(f"\ndemo model {demos[0]['model']}: hidden {c['hidden_size']}, "

@@ -243,7 +243,12 @@ quantize_block(const float *v, int32_t n, int8_t *q)
 	inv = 127.0f / amax;
 	for (int32_t i = 0; i < n; i++)
 	{
-		long		r = lrintf(v[i] * inv);
+		/*
+		 * Below max|v| = 127 / FLT_MAX (about 3.7e-37) the float factor
+		 * is infinite.  lrintf of an infinity or NaN is unspecified (it
+		 * gave -127 after clamping here), so such blocks scale in double.
+		 */
+		long		r = isinf(inv) ? lrint(v[i] * (127.0 / amax)) : lrintf(v[i] * inv);
 
 		/* rounding can only reach 127 in magnitude, but never let it wrap */
 		if (r > 127)

@@ -830,6 +830,74 @@ test_amx_rejected_falls_back(void)
 }
 
 /*
+ * A q8 activation block whose largest value is below 127 / FLT_MAX keeps
+ * its values' signs and sizes (the float factor 127 / max|x| would be
+ * infinite), in every kernel set, for one row and for several.
+ */
+static void
+test_q8_tiny_activation_block(void)
+{
+	const char *isas[4];
+	int			n_isas = available_isas(isas);
+	const char *best = fm_kernel_isa();
+	const int32_t out = 16;
+	const int32_t cols = 64;
+	const int32_t rows = 9;
+	float	   *w = malloc(sizeof(float) * out * cols);
+	float	   *x = calloc((size_t) rows * cols, sizeof(float));
+	float	   *y = malloc(sizeof(float) * rows * out);
+	void	   *packed = aligned_block(fm_matrix_bytes(FM_WEIGHTS_Q8, out, cols));
+	void	   *scratch = aligned_block(fm_matmul_scratch_bytes(rows, cols));
+	fm_matrix	m;
+
+	for (size_t i = 0; i < (size_t) out * cols; i++)
+		w[i] = 1.0f;
+	fm_matrix_pack(FM_WEIGHTS_Q8, w, out, cols, packed);
+	m = fm_matrix_view(FM_WEIGHTS_Q8, packed, out, cols);
+	/* block 0: one tiny positive value among zeros; block 1: tiny of both signs */
+	for (int32_t r = 0; r < rows; r++)
+	{
+		x[(size_t) r * cols + 3] = 2e-37f;
+		x[(size_t) r * cols + 40] = 1e-37f;
+		x[(size_t) r * cols + 41] = -3e-37f;
+	}
+	for (int i = 0; i < n_isas; i++)
+	{
+		CHECK(fm_force_isa(isas[i]));
+		for (int32_t n = 1; n <= rows; n += rows - 1)
+		{
+			int			wrong = 0;
+
+			fm_matmul_w(y, x, &m, n, scratch);
+			/* expected 2e-37 + 1e-37 - 3e-37 = 0, within the blocks' rounding */
+			for (size_t k = 0; k < (size_t) n * out; k++)
+				if (!(fabsf(y[k]) <= 2e-39f))
+					wrong++;
+			if (wrong != 0)
+				printf("  %s, %d rows: %d outputs of tiny blocks wrong, first %g\n",
+					   isas[i], n, wrong, y[0]);
+			CHECK(wrong == 0);
+		}
+		/* the positive block alone */
+		for (int32_t r = 0; r < rows; r++)
+			x[(size_t) r * cols + 40] = x[(size_t) r * cols + 41] = 0.0f;
+		fm_matmul_w(y, x, &m, 1, scratch);
+		CHECK(fabsf(y[0] - 2e-37f) <= 2e-39f);
+		for (int32_t r = 0; r < rows; r++)
+		{
+			x[(size_t) r * cols + 40] = 1e-37f;
+			x[(size_t) r * cols + 41] = -3e-37f;
+		}
+	}
+	CHECK(fm_force_isa(best));
+	free(w);
+	free(x);
+	free(y);
+	free(packed);
+	free(scratch);
+}
+
+/*
  * Every kernel set: q8 weights times 2^40 or 2^-40 store the same q and
  * fp16 scales with another unit, so the products are the unscaled ones
  * times the same power of two, bitwise.  Without the unit such weights
@@ -1112,6 +1180,7 @@ main(int argc, char **argv)
 	test_same_bits_every_row_count();
 	test_amx_rejected_falls_back();
 	test_q8_power_of_two_weights();
+	test_q8_tiny_activation_block();
 	test_converted_model();
 	return TEST_SUMMARY();
 }
