@@ -674,10 +674,8 @@ public_and_lowrank_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 			float	   *out = s->moe + (size_t) s->shared_rows[j] * hidden;
 			const float *d_out = s->down + (size_t) m * hidden;
 
-			for (int32_t d = 0; d < inter; d++)
-				hs[d] += p * h[d];
-			for (int32_t d = 0; d < hidden; d++)
-				out[d] += p * d_out[d];
+			add_scaled(hs, h, p, inter);
+			add_scaled(out, d_out, p, hidden);
 		}
 	}
 
@@ -728,10 +726,8 @@ full_experts(fm_session *s, const fm_layer_weights *lw, int32_t n)
 		{
 			float	   *out = s->moe + (size_t) s->expert_rows[m] * hidden;
 			const float *d_out = s->down + (size_t) m * hidden;
-			float		p = s->expert_p[m];
 
-			for (int32_t d = 0; d < hidden; d++)
-				out[d] += p * d_out[d];
+			add_scaled(out, d_out, s->expert_p[m], hidden);
 		}
 	}
 }

@@ -107,42 +107,35 @@ monotonic_ns(void)
 	return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/*
- * Pauses once in a polling loop and returns false after the deadline.
- * The clock is read every 64 calls, because reading it costs more than a
- * pause.
- */
 static bool
-keep_spinning(int32_t *calls, int64_t deadline)
+job_unchanged(uint64_t seen)
 {
+	return __atomic_load_n(&pool.job_number, __ATOMIC_ACQUIRE) == seen;
+}
+
+static bool
+workers_pending(uint64_t unused)
+{
+	return __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0;
+}
+
+/*
+ * Polls while waiting(arg) holds, for at most FM_SPIN_NS.  The clock is
+ * read every 64 polls, because reading it costs more than a pause.
+ */
+static void
+spin_while(bool (*waiting) (uint64_t), uint64_t arg)
+{
+	int64_t		deadline = monotonic_ns() + FM_SPIN_NS;
+
+	for (int32_t polls = 1; waiting(arg); polls++)
+	{
 #if defined(__x86_64__)
-	_mm_pause();
+		_mm_pause();
 #endif
-	return ++*calls % 64 != 0 || monotonic_ns() < deadline;
-}
-
-/* Polls until job_number differs from seen or FM_SPIN_NS pass. */
-static void
-spin_for_job(uint64_t seen)
-{
-	int64_t		deadline = monotonic_ns() + FM_SPIN_NS;
-	int32_t		calls = 0;
-
-	while (__atomic_load_n(&pool.job_number, __ATOMIC_ACQUIRE) == seen &&
-		   keep_spinning(&calls, deadline))
-		;
-}
-
-/* Polls until no worker is pending or FM_SPIN_NS pass. */
-static void
-spin_for_workers(void)
-{
-	int64_t		deadline = monotonic_ns() + FM_SPIN_NS;
-	int32_t		calls = 0;
-
-	while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) > 0 &&
-		   keep_spinning(&calls, deadline))
-		;
+		if (polls % 64 == 0 && monotonic_ns() >= deadline)
+			break;
+	}
 }
 
 /* Runs chunks of the current job until none is left. */
@@ -202,7 +195,7 @@ worker_main(void *arg)
 		if (__atomic_load_n(&pool.job_number, __ATOMIC_RELAXED) == seen)
 		{
 			pthread_mutex_unlock(&pool.mutex);
-			spin_for_job(seen);
+			spin_while(job_unchanged, seen);
 			pthread_mutex_lock(&pool.mutex);
 		}
 	}
@@ -298,7 +291,7 @@ fm_parallel_for(int32_t n, int32_t min_items, fm_range_fn fn, void *arg)
 
 	take_chunks(fn, arg, n, chunks);
 
-	spin_for_workers();
+	spin_while(workers_pending, 0);
 	pthread_mutex_lock(&pool.mutex);
 	while (__atomic_load_n(&pool.pending, __ATOMIC_RELAXED) > 0)
 		pthread_cond_wait(&pool.done, &pool.mutex);

@@ -830,9 +830,9 @@ test_amx_rejected_falls_back(void)
 }
 
 /*
- * A q8 activation block whose largest value is below 127 / FLT_MAX keeps
- * its values' signs and sizes (the float factor 127 / max|x| would be
- * infinite), in every kernel set, for one row and for several.
+ * A q8 activation block whose largest value is below 127 / FLT_MAX, where
+ * the float factor 127 / max|x| is infinite, keeps its values' signs and
+ * sizes.  Checked in every kernel set, for one row and for several.
  */
 static void
 test_q8_tiny_activation_block(void)
